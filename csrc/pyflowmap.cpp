@@ -1,0 +1,38 @@
+// The dispatcher schemas of every pyflowmap op (one place to read the op surface) and the small
+// pybind11 module that reports what this build contains.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#ifndef PYFLOWMAP_WITH_CUDA
+#define PYFLOWMAP_WITH_CUDA 0
+#endif
+
+TORCH_LIBRARY(pyflowmap, m) {
+  // Fake (meta) and autograd kernels are registered from Python, one module per op family;
+  // set_python_module (it applies to the defs that follow) lets torch import that module when
+  // it needs them, e.g. under torch.compile before `import pyflowmap` ran.
+  m.set_python_module("pyflowmap.ops.sampler");
+  // x + (t - s) * v with s, t scalar or per-sample [batch] tensors (float32; float64 for float64 x).
+  m.def("flowmap_step(Tensor x, Tensor v, Tensor s, Tensor t) -> Tensor");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "pyflowmap compiled kernels; ops are reached through torch.ops.pyflowmap";
+  mod.def("build_info", [] {
+    py::dict info;
+    info["cpu"] = true;
+    info["cuda"] = static_cast<bool>(PYFLOWMAP_WITH_CUDA);
+    info["cuda_archs"] = std::string(PYFLOWMAP_CUDA_ARCHS);
+    info["torch_version"] = std::string(PYFLOWMAP_TORCH_VERSION);
+    info["compiler"] = std::string(PYFLOWMAP_CXX_COMPILER);
+    info["native"] = static_cast<bool>(PYFLOWMAP_NATIVE_BUILD);
+#ifdef _OPENMP
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+    return info;
+  });
+}

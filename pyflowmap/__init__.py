@@ -1,0 +1,27 @@
+"""pyflowmap: flow maps and consistency models in PyTorch.
+
+    import pyflowmap as pf
+    net = pf.nn.FlowMapMLP(dim=2)                      # any module v(x, s, t)
+    flowmap = pf.FlowMap(net)                          # X_{s,t}(x) = x + (t - s) v_{s,t}(x)
+    objective = pf.objectives.LSD(derivative="jvp")    # or ESD, PSD, FM, LMD, EMD, PFMM
+    loss = objective(flowmap, x1).loss                 # x1: a data batch [B, ...]
+    x = pf.sample(flowmap, noise, steps=4)             # 4 flow-map jumps
+"""
+
+from pyflowmap import nn, objectives, ops, reference
+from pyflowmap._build import build_info, has_cuda_kernels
+from pyflowmap.derivatives import JVP, Dual, FiniteDifference, resolve_mode
+from pyflowmap.flowmap import FlowMap
+from pyflowmap.interpolants import EDMSigmaPath, GaussianBase, LinearInterpolant, TrigInterpolant
+from pyflowmap.objectives import make_objective
+from pyflowmap.sampling import sample, sample_ode, time_grid
+from pyflowmap.times import TimeSampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "build_info", "has_cuda_kernels", "nn", "objectives", "ops", "reference",
+    "FlowMap", "JVP", "Dual", "FiniteDifference", "resolve_mode",
+    "LinearInterpolant", "TrigInterpolant", "EDMSigmaPath", "GaussianBase", "TimeSampler",
+    "make_objective", "sample", "sample_ode", "time_grid",
+]

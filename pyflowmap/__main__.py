@@ -1,0 +1,5 @@
+import sys
+
+from pyflowmap.cli import main
+
+sys.exit(main())

@@ -1,0 +1,178 @@
+"""Command line: ``python -m pyflowmap {demo,train,sample,eval}`` (also installed as ``pyflowmap``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from pyflowmap.checkpoint import atomic_write
+from pyflowmap.config import TrainConfig
+from pyflowmap.evaluate import SAMPLERS, draw, evaluate, format_table, load_model, to_json
+from pyflowmap.train import CHECKPOINT, Trainer
+
+HELP = {
+    "data": "2D dataset: checker, 8gaussians, moons, spiral",
+    "objective": "fm, lsd, esd, psd-u, psd-m",
+    "derivative": "how derivatives are taken: auto, jvp (torch.func), fd (central differences), dual",
+    "steps": "total optimizer steps",
+    "batch": "batch size",
+    "seed": "seed of initialization and of the training stream",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser, defaults: TrainConfig):
+    for f in fields(TrainConfig):
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{HELP.get(f.name, '')} (default {default})")
+        else:
+            p.add_argument(flag, dest=f.name, type=type(default), default=None,
+                           help=f"{HELP.get(f.name, '')} (default {default})")
+
+
+def _config_from(args, defaults: TrainConfig) -> TrainConfig:
+    values = defaults.to_dict()
+    values.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None})
+    return TrainConfig.from_dict(values)
+
+
+def _overrides(args) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+
+
+def _run_eval(run_dir: Path, steps, samplers, n: int, seed: int, use_ema: bool, out_dir: Path | None = None) -> dict:
+    from pyflowmap.plots import plot_sample_grid
+
+    model, base, cfg, state = load_model(run_dir, use_ema=use_ema)
+    report = evaluate(model, base, cfg.data, steps=steps, samplers=samplers, n=n, seed=seed)
+    out_dir = out_dir or run_dir
+    summary = to_json(report)
+    summary.update({"objective": cfg.objective, "derivative": cfg.derivative, "train_steps": state["step"],
+                    "train_seconds": state["train_seconds"], "skipped_steps": state["skipped"], "ema": use_ema,
+                    "config": cfg.to_dict()})
+    atomic_write(out_dir / "metrics.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    png = plot_sample_grid(report["samples"], out_dir / "samples.png",
+                           title=f"{cfg.objective.upper()} on {cfg.data}, {state['step']} steps ({'EMA' if use_ema else 'raw'})")
+    print(f"\n{cfg.objective.upper()} on {cfg.data}: {state['step']} training steps in {state['train_seconds']:.0f} s")
+    print(format_table(report))
+    print(f"\nwrote {out_dir / 'metrics.json'} and {png}")
+    return summary
+
+
+def cmd_train(args) -> int:
+    out = Path(args.out)
+    if args.resume:
+        trainer = Trainer.resume(out, progress=not args.quiet, **_overrides(args))
+        print(f"resuming {out / CHECKPOINT} at step {trainer.step} of {trainer.cfg.steps}")
+    else:
+        if (out / CHECKPOINT).exists() and not args.overwrite:
+            print(f"error: {out / CHECKPOINT} exists; pass --resume to continue it or --overwrite", file=sys.stderr)
+            return 2
+        trainer = Trainer(_config_from(args, TrainConfig()), out_dir=out, progress=not args.quiet)
+    trainer.fit()
+    print(f"trained {trainer.step} steps ({trainer.skipped} skipped) in {trainer.train_seconds:.1f} s; "
+          f"checkpoint {out / CHECKPOINT}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    _run_eval(Path(args.ckpt), args.steps, args.samplers, args.n, args.seed, not args.no_ema,
+              Path(args.out) if args.out else None)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    model, base, cfg, _ = load_model(Path(args.ckpt), use_ema=not args.no_ema)
+    g = torch.Generator().manual_seed(args.seed)
+    x = draw(model, base.sample((args.n, 2), generator=g), args.sampler, args.steps)
+    out = Path(args.out)
+    if out.suffix == ".png":
+        from pyflowmap.plots import plot_sample_grid
+
+        plot_sample_grid({(args.sampler, args.steps): x}, out)
+    else:
+        atomic_write(out, lambda f: torch.save(x, f))
+    print(f"wrote {args.n} samples ({args.sampler}, {args.steps} steps) to {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Train the default flow map on the checker, then sample with 1/2/4/8 steps and report."""
+    out = Path(args.out)
+    cfg = _config_from(args, TrainConfig())
+    if (out / CHECKPOINT).exists() and not args.overwrite:
+        trainer = Trainer.resume(out, progress=not args.quiet, **_overrides(args))
+        if trainer.step < trainer.cfg.steps:
+            print(f"continuing {out / CHECKPOINT} from step {trainer.step}")
+    else:
+        trainer = Trainer(cfg, out_dir=out, progress=not args.quiet)
+    print(f"pyflowmap demo: {trainer.cfg.objective.upper()} ({trainer.cfg.derivative} derivatives) on "
+          f"{trainer.cfg.data}, MLP {trainer.cfg.depth}x{trainer.cfg.hidden}, batch {trainer.cfg.batch}, "
+          f"{trainer.cfg.steps} steps, {torch.get_num_threads()} threads")
+    trainer.fit()
+    _run_eval(out, args.eval_steps, SAMPLERS, args.n, args.seed_eval, True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyflowmap", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("demo", help="train on the checkerboard, sample with 1/2/4/8 steps, print the table")
+    _add_config_args(p, TrainConfig())
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--eval-steps", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--n", type=int, default=65536, help="evaluation samples (default 65536)")
+    p.add_argument("--seed-eval", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="start over even if the run directory has a checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a 2D flow map")
+    _add_config_args(p, TrainConfig())
+    p.add_argument("--out", required=True, help="run directory (checkpoint.pt, config.json)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="metrics table, metrics.json and samples.png of a run")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoint file")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    p.add_argument("--n", type=int, default=65536)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
+    p.add_argument("--out", default=None, help="output directory (default: the run directory)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="draw samples from a run (.pt tensor or .png)")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--sampler", default="map", choices=SAMPLERS)
+    p.add_argument("--n", type=int, default=10000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

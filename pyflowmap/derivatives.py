@@ -1,0 +1,171 @@
+"""How a directional derivative of the flow map is obtained: ``jvp``, ``fd`` or ``dual``.
+
+Objectives say WHAT derivative they need; a mode says HOW. Every mode answers one question:
+
+    mode.jvp(flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map")
+        -> (X_{s,t}(x), d/de X_{s + e s_dot, t + e t_dot}(x + e x_dot) at e = 0)
+
+(or the same for v_{s,t} with ``output="velocity"``). Tangents left ``None`` are zero. The
+tangent output stays differentiable in the network parameters in every mode, which is what
+LSD and ESD backpropagate through.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch.func import functional_call
+
+from pyflowmap.flowmap import FlowMap, batch_time
+
+
+def _function(flowmap: FlowMap, output: str):
+    if output == "map":
+        return flowmap
+    if output == "velocity":
+        return flowmap.velocity_field
+    raise ValueError(f"output must be 'map' or 'velocity', got {output!r}")
+
+
+def _check_tangents(x, s, t, x_dot, s_dot, t_dot):
+    if x_dot is not None and x_dot.shape != x.shape:
+        raise ValueError(f"x_dot must have the shape of x {tuple(x.shape)}, got {tuple(x_dot.shape)}")
+    for name, d in (("s_dot", s_dot), ("t_dot", t_dot)):
+        if d is not None and torch.as_tensor(d).dim() not in (0, 1):
+            raise ValueError(f"{name} must be a scalar or a [batch] tensor")
+
+
+class DerivativeMode(ABC):
+    name = "mode"
+
+    @abstractmethod
+    def jvp(self, flowmap: FlowMap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map"):
+        """(out, out_dot); see the module docstring."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class JVP(DerivativeMode):
+    """Exact forward-mode derivative through ``torch.func.jvp``.
+
+    Works for any network whose ops have forward-AD rules (not fused attention kernels), and
+    keeps reverse mode through the tangent. Not usable under DDP gradient sync; prefer ``dual``.
+    """
+
+    name = "jvp"
+
+    def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map"):
+        _check_tangents(x, s, t, x_dot, s_dot, t_dot)
+        s, t = batch_time(s, x), batch_time(t, x)
+        tangents = (
+            torch.zeros_like(x) if x_dot is None else x_dot,
+            torch.zeros_like(s) if s_dot is None else batch_time(s_dot, x),
+            torch.zeros_like(t) if t_dot is None else batch_time(t_dot, x),
+        )
+        return torch.func.jvp(_function(flowmap, output), (x, s, t), tangents)
+
+
+def default_fd_step(dtype: torch.dtype) -> float:
+    """eps^(1/3): balances the O(h^2) truncation and O(eps/h) rounding error of a central difference."""
+    return float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
+
+
+class _OutputView(torch.nn.Module):
+    """Exposes ``flowmap`` or ``flowmap.velocity_field`` as forward() for functional_call."""
+
+    def __init__(self, flowmap: FlowMap, output: str):
+        super().__init__()
+        self.flowmap = flowmap
+        self.output = output
+
+    def forward(self, x, s, t):
+        return _function(self.flowmap, self.output)(x, s, t)
+
+
+class FiniteDifference(DerivativeMode):
+    """Central difference (f(p + h d) - f(p - h d)) / 2h, computed in ``dtype`` whatever the model's.
+
+    When ``dtype`` differs from the parameters' dtype the network is evaluated with parameters
+    cast (differentiably) to ``dtype``, so a bf16 model still gets an fp32/fp64 difference (in
+    bf16 the difference of two nearby outputs would be noise). The primal output is evaluated
+    in the model's own dtype. Times are shifted by ±h s_dot and ±h t_dot, so t + h may leave
+    [0, 1] by h; networks are evaluated there as they are.
+    """
+
+    name = "fd"
+
+    def __init__(self, h: float | None = None, dtype: torch.dtype = torch.float32):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"finite differences run in float32 or float64, got {dtype}")
+        if h is not None and not (h > 0 and h < 1):
+            raise ValueError(f"finite-difference step h must be in (0, 1), got {h}")
+        self.dtype = dtype
+        self.h = h if h is not None else default_fd_step(dtype)
+
+    def __repr__(self) -> str:
+        return f"FiniteDifference(h={self.h:g}, dtype={self.dtype})"
+
+    def _evaluator(self, flowmap: FlowMap, output: str):
+        """``f(x, s, t)`` running the network with its floating tensors in ``self.dtype``."""
+        tensors = dict(flowmap.named_parameters())
+        tensors.update(flowmap.named_buffers())
+        if all(not v.is_floating_point() or v.dtype == self.dtype for v in tensors.values()):
+            return _function(flowmap, output)
+        view = _OutputView(flowmap, output)
+        cast = {"flowmap." + k: (v.to(self.dtype) if v.is_floating_point() else v)
+                for k, v in tensors.items()}
+        return lambda x, s, t: functional_call(view, cast, (x, s, t))
+
+    def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map"):
+        _check_tangents(x, s, t, x_dot, s_dot, t_dot)
+        s, t = batch_time(s, x), batch_time(t, x)
+        out = _function(flowmap, output)(x, s, t)
+        f = self._evaluator(flowmap, output)
+        h, d = self.h, self.dtype
+
+        def shifted(sign):
+            xs = x.to(d) if x_dot is None else x.to(d) + sign * h * x_dot.to(d)
+            ss = s.to(d) if s_dot is None else s.to(d) + sign * h * batch_time(s_dot, x).to(d)
+            ts = t.to(d) if t_dot is None else t.to(d) + sign * h * batch_time(t_dot, x).to(d)
+            return f(xs, ss, ts).to(d)
+
+        out_dot = (shifted(1.0) - shifted(-1.0)) / (2 * h)
+        return out, out_dot.to(out.dtype)
+
+
+class Dual(DerivativeMode):
+    """Explicit tangents: the network returns (v, v_dot) in its ordinary forward.
+
+    Exact like ``jvp`` but made of plain autograd ops, so it works with fused kernels, DDP,
+    FSDP and torch.compile. Needs a tangent-carrying network (``supports_tangents``).
+    """
+
+    name = "dual"
+
+    def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map"):
+        _check_tangents(x, s, t, x_dot, s_dot, t_dot)
+        if output not in ("map", "velocity"):
+            raise ValueError(f"output must be 'map' or 'velocity', got {output!r}")
+        return flowmap.tangent(x, s, t, x_dot, s_dot, t_dot, output=output)
+
+
+MODES = {"jvp": JVP, "fd": FiniteDifference, "dual": Dual}
+
+
+def resolve_mode(mode: str | DerivativeMode, flowmap: FlowMap | None = None) -> DerivativeMode:
+    """``"auto"`` picks ``dual`` for tangent-carrying networks and ``jvp`` otherwise."""
+    if isinstance(mode, DerivativeMode):
+        return mode
+    if mode == "auto":
+        return Dual() if flowmap is not None and flowmap.supports_tangents else JVP()
+    if mode == "dual" and flowmap is not None and not flowmap.supports_tangents:
+        raise TypeError(
+            f"derivative='dual' needs a tangent-carrying network; {type(flowmap.net).__name__} "
+            "is not one (use 'jvp' or 'fd')"
+        )
+    try:
+        return MODES[mode]()
+    except KeyError:
+        raise ValueError(f"unknown derivative mode {mode!r}; choose from auto, {', '.join(MODES)}") from None

@@ -1,0 +1,86 @@
+"""The flow-map parameterization X_{s,t}(x) = x + (t - s) v_{s,t}(x) around any velocity network."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pyflowmap.interpolants import expand_time
+
+
+def batch_time(t, x: torch.Tensor) -> torch.Tensor:
+    """A time given as float, 0-d or ``[B]`` tensor, as a ``[B]`` tensor in ``x``'s dtype."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if t.dim() == 0:
+        return t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"time must be a scalar or have shape [{x.shape[0]}], got {tuple(t.shape)}")
+    return t
+
+
+class FlowMap(nn.Module):
+    """Wraps a network ``net(x, s, t) -> v`` (``x`` ``[B, ...]``, ``s``, ``t`` ``[B]``).
+
+    * ``flowmap(x, s, t)`` is the map X_{s,t}(x) = x + (t - s) v_{s,t}(x), so X_{s,s} = id;
+    * ``flowmap.velocity(x, t)`` is the diagonal v_{t,t}(x), which the tangent condition makes
+      the probability-flow velocity b_t(x).
+
+    A network that carries tangents explicitly (``net.supports_tangents = True``) also accepts
+    ``net(x, s, t, tangents=(x_dot, s_dot, t_dot))`` and returns ``(v, v_dot)``; any tangent may
+    be ``None`` (zero). :meth:`tangent` then forms the map's tangent analytically, which is the
+    ``dual`` derivative mode of :mod:`pyflowmap.derivatives`.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    @property
+    def supports_tangents(self) -> bool:
+        return bool(getattr(self.net, "supports_tangents", False))
+
+    def velocity_field(self, x: torch.Tensor, s, t) -> torch.Tensor:
+        """v_{s,t}(x)."""
+        return self.net(x, batch_time(s, x), batch_time(t, x))
+
+    def forward(self, x: torch.Tensor, s, t) -> torch.Tensor:
+        """X_{s,t}(x) = x + (t - s) v_{s,t}(x)."""
+        s, t = batch_time(s, x), batch_time(t, x)
+        return x + expand_time(t - s, x) * self.net(x, s, t)
+
+    def velocity(self, x: torch.Tensor, t) -> torch.Tensor:
+        """The diagonal v_{t,t}(x), i.e. the learned probability-flow velocity."""
+        t = batch_time(t, x)
+        return self.net(x, t, t)
+
+    def tangent(self, x, s, t, x_dot=None, s_dot=None, t_dot=None, output: str = "map"):
+        """(X, X_dot) (or (v, v_dot) with ``output="velocity"``) from a tangent-carrying net.
+
+        X_dot = x_dot + (t_dot - s_dot) v + (t - s) v_dot.
+        """
+        if not self.supports_tangents:
+            raise TypeError(
+                f"{type(self.net).__name__} does not carry tangents (supports_tangents is not "
+                "True); use derivative='jvp' or 'fd'"
+            )
+        s, t = batch_time(s, x), batch_time(t, x)
+        v, v_dot = self.net(x, s, t, tangents=(x_dot, s_dot, t_dot))
+        if output == "velocity":
+            return v, v_dot
+        dt = expand_time(t - s, x)
+        out = x + dt * v
+        out_dot = dt * v_dot
+        if x_dot is not None:
+            out_dot = out_dot + x_dot
+        if s_dot is not None or t_dot is not None:
+            ddt = (0 if t_dot is None else t_dot) - (0 if s_dot is None else s_dot)
+            out_dot = out_dot + expand_time(torch.as_tensor(ddt, dtype=x.dtype, device=x.device), x) * v
+        return out, out_dot
+
+    @torch.no_grad()
+    def jump(self, x: torch.Tensor, s, t) -> torch.Tensor:
+        """X_{s,t}(x) for sampling: no graph, the update through the fused ``flowmap_step`` op."""
+        from pyflowmap.ops import flowmap_step
+
+        s, t = batch_time(s, x), batch_time(t, x)
+        return flowmap_step(x, self.net(x, s, t), s, t)

@@ -1,0 +1,33 @@
+"""Time embeddings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Positional embedding [cos(w_k scale t), sin(w_k scale t)], w_k = max_period^(-k/half).
+
+    Times in [0, 1] are scaled by ``scale``: the frequencies run from ``scale`` down to
+    ``scale / max_period`` radians per unit time. The default 100 resolves jumps t - s of about
+    0.01; the diffusion-step convention (1000) makes d/dt of the embedding large, which inflates
+    the gradients of derivative-based objectives (LSD's gradient norm was ~5x larger with 1000
+    in a 2D checker run, and it learned more slowly).
+    """
+
+    def __init__(self, dim: int, scale: float = 100.0, max_period: float = 10000.0):
+        super().__init__()
+        if dim < 2 or dim % 2:
+            raise ValueError(f"embedding dim must be even and >= 2, got {dim}")
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
+        self.register_buffer("freqs", (scale * freqs).float(), persistent=False)
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` ``[B]`` -> ``[B, dim]``."""
+        arg = t.unsqueeze(-1) * self.freqs.to(t.dtype)
+        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)

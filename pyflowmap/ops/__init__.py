@@ -1,0 +1,9 @@
+"""Python side of the compiled ops: fake (meta) kernels and autograd formulas.
+
+Every op here has a pure-PyTorch twin of the same name in :mod:`pyflowmap.reference`.
+"""
+
+from pyflowmap import _build  # noqa: F401  (loads torch.ops.pyflowmap)
+from pyflowmap.ops.sampler import flowmap_step
+
+__all__ = ["flowmap_step"]

@@ -1,0 +1,79 @@
+"""``pyflowmap::flowmap_step``: out = x + (t - s) v, the update of every few-step sampler."""
+
+from __future__ import annotations
+
+import torch
+
+from pyflowmap import _build  # noqa: F401  (registers the op schema)
+
+_OP = "pyflowmap::flowmap_step"
+
+
+def time_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """Times are float64 for float64 states, else float32 (bf16 times would be off by ~4e-3)."""
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
+def _as_time(value, x: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=time_dtype(x.dtype), device=x.device)
+
+
+def flowmap_step(x: torch.Tensor, v: torch.Tensor, s, t) -> torch.Tensor:
+    """One flow-map jump ``x + (t - s) * v`` through the fused kernel.
+
+    Args:
+        x: state, shape ``[B, ...]``; float32, float64, bfloat16 or float16.
+        v: velocity ``v_{s,t}(x)``, same shape and dtype as ``x``.
+        s, t: start and end times, Python floats, 0-d tensors or ``[B]`` tensors; converted to
+            float32 (float64 for float64 ``x``) on ``x``'s device.
+    Returns:
+        A new tensor shaped like ``x``. Differentiable in ``x``, ``v``, ``s`` and ``t``.
+    """
+    return torch.ops.pyflowmap.flowmap_step(x, v, _as_time(s, x), _as_time(t, x))
+
+
+@torch.library.register_fake(_OP)
+def _flowmap_step_fake(x, v, s, t):
+    torch._check(x.dim() >= 1, lambda: "flowmap_step: `x` must have a batch dimension")
+    torch._check(v.shape == x.shape, lambda: f"flowmap_step: `v` shape {v.shape} != `x` {x.shape}")
+    torch._check(v.dtype == x.dtype, lambda: "flowmap_step: `v` and `x` dtypes differ")
+    for name, time in (("s", s), ("t", t)):
+        torch._check(
+            time.dim() == 0 or (time.dim() == 1 and time.shape[0] == x.shape[0]),
+            lambda: f"flowmap_step: `{name}` must be a scalar or [batch] tensor",
+        )
+        torch._check(time.dtype == time_dtype(x.dtype), lambda: f"flowmap_step: `{name}` dtype")
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _setup_context(ctx, inputs, output):
+    x, v, s, t = inputs
+    ctx.save_for_backward(v, s, t)
+    ctx.time_shapes = (s.dim(), t.dim())
+
+
+def _per_row_sum(g: torch.Tensor, scalar: bool) -> torch.Tensor:
+    flat = g.reshape(g.shape[0], -1).sum(dim=1)
+    return flat.sum() if scalar else flat
+
+
+def _backward(ctx, grad):
+    v, s, t = ctx.saved_tensors
+    tdtype = s.dtype
+    gx = gv = gs = gt = None
+    shape = (-1,) + (1,) * (v.dim() - 1)
+    if ctx.needs_input_grad[0]:
+        gx = grad
+    if ctx.needs_input_grad[1]:
+        dt = (t - s).reshape(shape) if (t.dim() or s.dim()) else (t - s)
+        gv = (grad.to(tdtype) * dt).to(v.dtype)
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        gvdot = grad.to(tdtype) * v.to(tdtype)
+        if ctx.needs_input_grad[3]:
+            gt = _per_row_sum(gvdot, t.dim() == 0)
+        if ctx.needs_input_grad[2]:
+            gs = -_per_row_sum(gvdot, s.dim() == 0)
+    return gx, gv, gs, gt
+
+
+torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)

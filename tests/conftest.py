@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import pyflowmap
+
+# "ci" bounds example counts so the suite stays within minutes on 2 cores; "thorough" for local soak runs.
+settings.register_profile("ci", max_examples=30, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=400, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+_AVAILABLE = ["cpu"] + (["cuda"] if pyflowmap.has_cuda_kernels() else [])
+# PYFLOWMAP_TEST_DEVICES=cuda restricts the matrix (e.g. to run only CUDA cases under compute-sanitizer)
+DEVICES = [d for d in os.environ.get("PYFLOWMAP_TEST_DEVICES", ",".join(_AVAILABLE)).split(",") if d in _AVAILABLE]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_report_header(config):
+    return f"pyflowmap build: {pyflowmap.build_info()}"
