@@ -51,7 +51,7 @@ def inputs(shape, device, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("variant", list(VARIANTS) + ["copy-floor"])
+@pytest.mark.parametrize("variant", list(VARIANTS) + ["copy-floor", "clone-floor"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_flowmap_step(benchmark, device, shape, variant, dtype):
     if device == "cpu" and dtype == torch.bfloat16 and variant == "compile":
@@ -64,6 +64,11 @@ def test_flowmap_step(benchmark, device, shape, variant, dtype):
         src = torch.empty(int(1.5 * x.numel()), device=device, dtype=dtype)
         dst = torch.empty_like(src)
         bench(benchmark, lambda: dst.copy_(src), device, bytes=n_bytes)
+        return
+    if variant == "clone-floor":
+        # the same bytes into a fresh allocation, as an out-of-place op pays for its output
+        src = torch.empty(int(1.5 * x.numel()), device=device, dtype=dtype)
+        bench(benchmark, lambda: src.clone(), device, bytes=n_bytes)
         return
     fn = VARIANTS[variant]
     bench(benchmark, lambda: fn(x, v, s, t), device, bytes=n_bytes)
