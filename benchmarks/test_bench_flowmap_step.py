@@ -15,7 +15,8 @@ from conftest import bench
 SHAPES = {
     "2d-64k": (65536, 2),             # the 2D sampler at evaluation size
     "mnist-1k": (1024, 1, 28, 28),    # a batch of digits
-    "img-64x3x128": (64, 3, 128, 128),  # 3.1 M elements, larger than the caches
+    "img-64x3x128": (64, 3, 128, 128),  # 3.1 M elements
+    "img-64x3x256": (64, 3, 256, 256),  # 12.6 M elements: 150 MB moved in fp32, far past every cache
 }
 
 

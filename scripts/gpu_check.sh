@@ -19,6 +19,30 @@ rc=$?; tail -5 "$OUT/build.log"; grep -E "pyflowmap:" "$OUT/build.log"
 [ $rc -eq 0 ] || { echo "BUILD FAILED"; tail -60 "$OUT/build.log"; exit 1; }
 "$PY" -c "import pyflowmap; print(pyflowmap.build_info())" | tee -a "$OUT/machine.txt"
 
+step "environment details"
+"$PY" - <<'PYEOF' 2>&1 | tee -a "$OUT/machine.txt"
+import torch, pybind11, subprocess
+print("cxx11 abi", torch._C._GLIBCXX_USE_CXX11_ABI, "pybind11", pybind11.__version__)
+print("\n".join(torch.__config__.show().splitlines()[:6]))
+PYEOF
+
+step "smoke: every bad-input case must raise, not crash (each in its own process)"
+smoke_fail=0
+for case in "x, x[:2], 0.0, 1.0" "x, x.double(), 0.0, 1.0" "x.int(), x.int(), 0, 1" "x[0, 0], x[0, 0], 0.0, 1.0"; do
+  "$PY" -X faulthandler -c "import torch, pyflowmap
+x = torch.randn(4, 3)
+try:
+    pyflowmap.ops.flowmap_step($case)
+except RuntimeError as e:
+    print('raised:', str(e).splitlines()[0])" > "$OUT/smoke.log" 2>&1
+  rc=$?; echo "rc=$rc  $case  $(head -1 "$OUT/smoke.log")"
+  if [ $rc -ne 0 ]; then smoke_fail=1; tail -30 "$OUT/smoke.log"; fi
+done
+if [ $smoke_fail -ne 0 ] && command -v cuda-gdb >/dev/null; then
+  printf 'import torch, pyflowmap\nx = torch.randn(4, 3)\npyflowmap.ops.flowmap_step(x, x[:2], 0.0, 1.0)\n' > /tmp/crash.py
+  cuda-gdb -batch -ex run -ex bt --args "$PY" /tmp/crash.py > "$OUT/gdb.log" 2>&1; grep -A25 "SIGSEGV" "$OUT/gdb.log" | head -40
+fi
+
 step "tests (cpu + cuda)"
 "$PY" -m pytest tests -q -p no:cacheprovider -x --timeout=600 2>&1 | tee "$OUT/tests.log" | tail -25
 
