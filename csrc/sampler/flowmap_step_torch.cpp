@@ -1,5 +1,6 @@
 // Torch glue of pyflowmap::flowmap_step: argument checks, allocation, per-backend registration.
 // The schema lives in csrc/pyflowmap.cpp; fake and autograd kernels in pyflowmap/ops/sampler.py.
+#include "common/format.h"
 #include "sampler/flowmap_step.h"
 
 #include <ATen/core/Tensor.h>
@@ -31,7 +32,7 @@ at::ScalarType time_dtype_for(at::ScalarType x_dtype) {
 void check_time(const at::Tensor& time, const char* name, const at::Tensor& x) {
   TORCH_CHECK(time.dim() == 0 || (time.dim() == 1 && time.size(0) == x.size(0)),
               "flowmap_step: `", name, "` must be a scalar tensor or have shape [batch] = [",
-              x.size(0), "], got ", time.sizes());
+              fmt(x.size(0)), "], got ", fmt(time.sizes()));
   TORCH_CHECK(time.scalar_type() == time_dtype_for(x.scalar_type()), "flowmap_step: `", name,
               "` must have dtype ", time_dtype_for(x.scalar_type()), " for x of dtype ",
               x.scalar_type(), ", got ", time.scalar_type());
@@ -42,8 +43,8 @@ void check_time(const at::Tensor& time, const char* name, const at::Tensor& x) {
 StepArgs prepare(const at::Tensor& x, const at::Tensor& v, const at::Tensor& s,
                  const at::Tensor& t) {
   TORCH_CHECK(x.dim() >= 1, "flowmap_step: `x` must have a batch dimension, got a scalar");
-  TORCH_CHECK(v.sizes() == x.sizes(), "flowmap_step: `v` must have the shape of `x` ", x.sizes(),
-              ", got ", v.sizes());
+  TORCH_CHECK(v.sizes() == x.sizes(), "flowmap_step: `v` must have the shape of `x` ", fmt(x.sizes()),
+              ", got ", fmt(v.sizes()));
   TORCH_CHECK(v.scalar_type() == x.scalar_type(), "flowmap_step: `v` has dtype ", v.scalar_type(),
               " but `x` has dtype ", x.scalar_type());
   TORCH_CHECK(v.device() == x.device(), "flowmap_step: `v` is on ", v.device(), " but `x` is on ",
