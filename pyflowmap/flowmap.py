@@ -84,3 +84,12 @@ class FlowMap(nn.Module):
 
         s, t = batch_time(s, x), batch_time(t, x)
         return flowmap_step(x, self.net(x, s, t), s, t)
+
+
+def as_velocity(model):
+    """A velocity b(x, t): a :class:`FlowMap` (its diagonal v_{t,t}) or any callable b(x, t)."""
+    if isinstance(model, FlowMap):
+        return model.velocity
+    if callable(model):
+        return model
+    raise TypeError(f"expected a FlowMap or a velocity callable b(x, t), got {type(model).__name__}")

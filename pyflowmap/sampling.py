@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from pyflowmap.flowmap import FlowMap
+from pyflowmap.flowmap import FlowMap, as_velocity
 
 
 def time_grid(steps: int, t0: float = 0.0, t1: float = 1.0, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -58,14 +58,6 @@ def sample(flowmap: FlowMap, noise: torch.Tensor, steps: int | None = 1,
     return torch.stack(traj) if traj is not None else x
 
 
-def _velocity(model) -> Callable:
-    if isinstance(model, FlowMap):
-        return model.velocity
-    if callable(model):
-        return model
-    raise TypeError(f"expected a FlowMap or a velocity callable b(x, t), got {type(model).__name__}")
-
-
 @torch.no_grad()
 def sample_ode(model, noise: torch.Tensor, steps: int | None = 8, method: str = "euler",
                grid: Sequence[float] | torch.Tensor | None = None, return_trajectory: bool = False):
@@ -80,7 +72,7 @@ def sample_ode(model, noise: torch.Tensor, steps: int | None = 8, method: str = 
     if method not in ("euler", "heun"):
         raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
     _check_noise(noise)
-    b = _velocity(model)
+    b = as_velocity(model)
     g = _resolve_grid(steps, grid, noise)
     x = noise
     traj = [x] if return_trajectory else None

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pyflowmap.derivatives import DerivativeMode, resolve_mode
-from pyflowmap.flowmap import FlowMap
+from pyflowmap.flowmap import FlowMap, as_velocity  # noqa: F401  (re-exported)
 from pyflowmap.interpolants import GaussianBase, Interpolant, make_interpolant
 from pyflowmap.losses import squared_distance
 from pyflowmap.objectives.weighting import LearnedWeighting
@@ -29,15 +29,6 @@ class LossOutput:
     per_sample: torch.Tensor
     n_diag: int
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def as_velocity(teacher) -> Velocity:
-    """A teacher velocity b(x, t): a trained :class:`FlowMap` (its diagonal) or any callable."""
-    if isinstance(teacher, FlowMap):
-        return teacher.velocity
-    if callable(teacher):
-        return teacher
-    raise TypeError(f"teacher must be a FlowMap or a callable b(x, t), got {type(teacher).__name__}")
 
 
 def freeze(module):

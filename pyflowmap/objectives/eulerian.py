@@ -54,10 +54,11 @@ class EMD(ESD):
 
     def __init__(self, teacher, semigradient: bool = False, **kwargs):
         frozen = freeze(teacher)
-        super().__init__(spatial_stopgrad=semigradient, diagonal_teacher=as_velocity(frozen), **kwargs)
+        b = as_velocity(frozen)
+        super().__init__(spatial_stopgrad=semigradient, diagonal_teacher=b, **kwargs)
         self.teacher = frozen
         self.semigradient = semigradient
-        self._b = as_velocity(frozen)
+        self._b = b
 
     def transport_velocity(self, flowmap, xs, s):
         with torch.no_grad():

@@ -43,11 +43,12 @@ class LMD(LSD):
     name = "lmd"
 
     def __init__(self, teacher, semigradient: bool = False, **kwargs):
-        self_teacher = freeze(teacher)
-        super().__init__(diagonal_teacher=as_velocity(self_teacher), **kwargs)
-        self.teacher = self_teacher
+        frozen = freeze(teacher)
+        b = as_velocity(frozen)
+        super().__init__(diagonal_teacher=b, **kwargs)
+        self.teacher = frozen
         self.semigradient = semigradient
-        self._b = as_velocity(self_teacher)
+        self._b = b
 
     def teacher_velocity(self, flowmap, X, t):
         if self.semigradient:

@@ -71,8 +71,7 @@ class PFMM(PSD):
     def __init__(self, teacher, gamma: str = "midpoint", **kwargs):
         jumps = teacher if isinstance(teacher, FlowMap) else EulerTeacher(teacher)
         jumps = freeze(jumps)
-        diag = teacher.velocity if isinstance(teacher, FlowMap) else as_velocity(teacher)
-        super().__init__(gamma=gamma, diagonal_teacher=diag, **kwargs)
+        super().__init__(gamma=gamma, diagonal_teacher=as_velocity(teacher), **kwargs)
         self.teacher = jumps
 
     def jump_teacher(self, flowmap):
