@@ -71,7 +71,7 @@ class TrainConfig:
         need(self.base in ("adaptive", "fixed"), f"base must be adaptive|fixed, got {self.base!r}")
         need(self.base_std > 0, f"base_std must be positive, got {self.base_std}")
         need(0 <= self.diag_fraction <= 1, f"diag_fraction must be in [0, 1], got {self.diag_fraction}")
-        need(self.activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}")
+        need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}")
         for name in ("hidden", "depth", "steps", "batch", "ckpt_every", "log_every", "max_bad_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.emb_dim >= 2 and self.emb_dim % 2 == 0, f"emb_dim must be even and >= 2, got {self.emb_dim}")

@@ -31,3 +31,9 @@ class SinusoidalEmbedding(nn.Module):
         """``t`` ``[B]`` -> ``[B, dim]``."""
         arg = t.unsqueeze(-1) * self.freqs.to(t.dtype)
         return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
+
+    def dual(self, t: torch.Tensor, t_dot: torch.Tensor | None) -> torch.Tensor:
+        """Stacked ``[emb(t); d emb(t)/dt * t_dot]``, ``[2B, dim]`` (zero tangent for None)."""
+        from pyflowmap.nn import functional as DF
+
+        return DF.dual_sinusoidal(t, t_dot, self.freqs)

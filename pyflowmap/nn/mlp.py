@@ -1,4 +1,4 @@
-"""The 2D flow-map MLP of the paper's checkerboard experiments."""
+"""The 2D flow-map MLP of the paper's checkerboard experiments, tangent-carrying."""
 
 from __future__ import annotations
 
@@ -6,8 +6,17 @@ import torch
 from torch import nn
 
 from pyflowmap.nn.embeddings import SinusoidalEmbedding
+from pyflowmap.nn.functional import split
+from pyflowmap.nn.layers import Activation, Linear, Sequential, stack
 
-ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh}
+ACTIVATIONS = ("gelu", "silu")
+
+
+def tangent_like(d, ref: torch.Tensor) -> torch.Tensor | None:
+    """A time tangent given as None, float, 0-d or [B] tensor, as None or a [B] tensor."""
+    if d is None:
+        return None
+    return torch.as_tensor(d, dtype=ref.dtype, device=ref.device).expand(ref.shape[0])
 
 
 class FlowMapMLP(nn.Module):
@@ -17,7 +26,13 @@ class FlowMapMLP(nn.Module):
     output scaled by the data std ``data_std`` (sigma_d). ``depth`` hidden layers of width
     ``hidden`` (the paper's checker model: 4 x 512, GELU). The output layer starts at zero, so
     an untrained map is the identity and its velocity zero.
+
+    Built from :mod:`pyflowmap.nn` dual layers: ``net(x, s, t, tangents=(x_dot, s_dot, t_dot))``
+    returns ``(v, v_dot)`` in one ordinary forward over the stacked [primal; tangent] rows, so
+    the ``dual`` derivative mode (picked by ``derivative="auto"``) needs no forward-mode AD.
     """
+
+    supports_tangents = True
 
     def __init__(self, dim: int = 2, hidden: int = 512, depth: int = 4, emb_dim: int = 64,
                  activation: str = "gelu", data_std: float | torch.Tensor = 1.0):
@@ -25,25 +40,38 @@ class FlowMapMLP(nn.Module):
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"dim, hidden and depth must be positive, got {dim}, {hidden}, {depth}")
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.dim = dim
         self.emb_s = SinusoidalEmbedding(emb_dim)
         self.emb_dt = SinusoidalEmbedding(emb_dim)
         layers: list[nn.Module] = []
         width = dim + 2 * emb_dim
         for _ in range(depth):
-            layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
+            layers += [Linear(width, hidden), Activation(activation)]
             width = hidden
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(hidden, dim)
+        self.body = Sequential(*layers)
+        self.head = Linear(hidden, dim)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.register_buffer("data_std", torch.as_tensor(data_std, dtype=torch.float32).clone())
 
-    def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B, dim]``, ``s``, ``t`` ``[B]`` -> ``[B, dim]``."""
+    def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, tangents=None):
+        """``x`` ``[B, dim]``, ``s``, ``t`` ``[B]`` -> ``v`` ``[B, dim]``, or ``(v, v_dot)`` when
+        ``tangents = (x_dot, s_dot, t_dot)`` is given (entries may be None = zero)."""
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"FlowMapMLP expects x of shape [B, {self.dim}], got {tuple(x.shape)}")
         sd = self.data_std.to(x.dtype)
-        h = torch.cat([x / sd, self.emb_s(s), self.emb_dt(t - s)], dim=-1)
-        return sd * self.head(self.body(h))
+        if tangents is None:
+            h = torch.cat([x / sd, self.emb_s(s), self.emb_dt(t - s)], dim=-1)
+            return sd * self.head(self.body(h))
+        x_dot, s_dot, t_dot = tangents
+        s_dot, t_dot = tangent_like(s_dot, s), tangent_like(t_dot, t)
+        dt_dot = None if s_dot is None and t_dot is None else (
+            (t_dot if t_dot is not None else 0) - (s_dot if s_dot is not None else 0))
+        hh = torch.cat([
+            stack(x / sd, None if x_dot is None else x_dot / sd),
+            self.emb_s.dual(s, s_dot),
+            self.emb_dt.dual(t - s, dt_dot),
+        ], dim=-1)
+        out = sd * self.head.dual(self.body.dual(hh))
+        return split(out)

@@ -1,0 +1,126 @@
+"""A small tangent-carrying UNet flow map for 28x28 (MNIST) and 8x8 (sklearn digits) images."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyflowmap.nn import functional as DF
+from pyflowmap.nn.attention import Attention
+from pyflowmap.nn.embeddings import SinusoidalEmbedding
+from pyflowmap.nn.layers import Activation, Conv2d, DualModule, GroupNorm, Linear, Sequential, modulate, stack
+from pyflowmap.nn.mlp import tangent_like
+
+
+class ResBlock(DualModule):
+    """GroupNorm -> SiLU -> conv -> GroupNorm -> FiLM(cond) -> SiLU -> conv, plus a skip."""
+
+    def __init__(self, cin: int, cout: int, cond_dim: int, groups: int = 8):
+        super().__init__()
+        self.norm1, self.act1 = GroupNorm(min(groups, cin), cin), Activation("silu")
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
+        self.film = Linear(cond_dim, 2 * cout)
+        self.norm2, self.act2 = GroupNorm(min(groups, cout), cout), Activation("silu")
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
+        self.skip = Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x, c):
+        h = self.conv1(self.act1(self.norm1(x)))
+        scale, shift = self.film(c)[:, :, None, None].chunk(2, dim=1)
+        h = self.conv2(self.act2(modulate(self.norm2(h), scale, shift)))
+        return h + (self.skip(x) if self.skip is not None else x)
+
+    def dual(self, xx, cc):
+        h = self.conv1.dual(self.act1.dual(self.norm1.dual(xx)))
+        scale, shift = self.film.dual(cc)[:, :, None, None].chunk(2, dim=1)
+        h = self.conv2.dual(self.act2.dual(DF.dual_modulate(self.norm2.dual(h), scale, shift)))
+        return h + (self.skip.dual(xx) if self.skip is not None else xx)
+
+
+class AttnBlock(DualModule):
+    """GroupNorm -> self-attention over the H*W tokens -> residual."""
+
+    def __init__(self, ch: int, heads: int = 4, groups: int = 8):
+        super().__init__()
+        self.norm = GroupNorm(min(groups, ch), ch)
+        self.attn = Attention(ch, heads)
+
+    @staticmethod
+    def _tokens(x):
+        return x.flatten(2).transpose(1, 2)
+
+    def forward(self, x):
+        return x + self.attn(self._tokens(self.norm(x))).transpose(1, 2).reshape(x.shape)
+
+    def dual(self, xx):
+        return xx + self.attn.dual(self._tokens(self.norm.dual(xx))).transpose(1, 2).reshape(xx.shape)
+
+
+class UNetFlowMap(nn.Module):
+    """v_{s,t}(x) for images ``[B, C, H, W]`` with H, W divisible by 4.
+
+    Two resolutions (``ch``, ``2 ch``) with a residual block each, a middle of
+    ResBlock-Attention-ResBlock at H/4, and the paper's conditioning: positional embeddings of s
+    and t - s through an MLP into FiLM scale/shift in every block. v = sigma_d * F(x / sigma_d,
+    s, t - s); the output conv starts at zero (untrained map = identity). Every layer has a
+    dual mode, so ``net(x, s, t, tangents=...)`` returns ``(v, v_dot)``.
+    """
+
+    supports_tangents = True
+
+    def __init__(self, channels: int = 1, ch: int = 32, emb_dim: int = 64, heads: int = 4,
+                 groups: int = 8, attention: bool = True, data_std: float = 0.5):
+        super().__init__()
+        cd = 4 * emb_dim
+        self.channels = channels
+        self.emb_s, self.emb_dt = SinusoidalEmbedding(emb_dim), SinusoidalEmbedding(emb_dim)
+        self.cond = Sequential(Linear(2 * emb_dim, cd), Activation("silu"), Linear(cd, cd))
+        self.inp = Conv2d(channels, ch, 3, padding=1)
+        self.down1 = ResBlock(ch, ch, cd, groups)
+        self.pool1 = Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.down2 = ResBlock(ch, 2 * ch, cd, groups)
+        self.pool2 = Conv2d(2 * ch, 2 * ch, 3, stride=2, padding=1)
+        self.mid1 = ResBlock(2 * ch, 2 * ch, cd, groups)
+        self.mid_attn = AttnBlock(2 * ch, heads, groups) if attention else None
+        self.mid2 = ResBlock(2 * ch, 2 * ch, cd, groups)
+        self.up2 = ResBlock(4 * ch, 2 * ch, cd, groups)
+        self.up1 = ResBlock(3 * ch, ch, cd, groups)
+        self.out_norm, self.out_act = GroupNorm(min(groups, ch), ch), Activation("silu")
+        self.out = Conv2d(ch, channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.register_buffer("data_std", torch.tensor(float(data_std)))
+
+    def _check(self, x):
+        if x.dim() != 4 or x.shape[1] != self.channels or x.shape[2] % 4 or x.shape[3] % 4:
+            raise ValueError(f"UNetFlowMap expects [B, {self.channels}, H, W] with H, W divisible by 4, "
+                             f"got {tuple(x.shape)}")
+
+    def _run(self, h, c, dual: bool):
+        call = (lambda m, *a: m.dual(*a)) if dual else (lambda m, *a: m(*a))
+        up = lambda z: F.interpolate(z, scale_factor=2, mode="nearest")  # noqa: E731 (linear: acts on both halves)
+        h0 = call(self.inp, h)
+        h1 = call(self.down1, h0, c)
+        h2 = call(self.down2, call(self.pool1, h1), c)
+        m = call(self.mid1, call(self.pool2, h2), c)
+        if self.mid_attn is not None:
+            m = call(self.mid_attn, m)
+        m = call(self.mid2, m, c)
+        u = call(self.up2, torch.cat([up(m), h2], 1), c)
+        u = call(self.up1, torch.cat([up(u), h1], 1), c)
+        return call(self.out, call(self.out_act, call(self.out_norm, u)))
+
+    def forward(self, x, s, t, tangents=None):
+        self._check(x)
+        sd = self.data_std.to(x.dtype)
+        if tangents is None:
+            c = self.cond(torch.cat([self.emb_s(s), self.emb_dt(t - s)], -1))
+            return sd * self._run(x / sd, c, dual=False)
+        x_dot, s_dot, t_dot = tangents
+        s_dot, t_dot = tangent_like(s_dot, s), tangent_like(t_dot, t)
+        dt_dot = None if s_dot is None and t_dot is None else (
+            (t_dot if t_dot is not None else 0) - (s_dot if s_dot is not None else 0))
+        cc = self.cond.dual(torch.cat([self.emb_s.dual(s, s_dot), self.emb_dt.dual(t - s, dt_dot)], -1))
+        out = sd * self._run(stack(x / sd, None if x_dot is None else x_dot / sd), cc, dual=True)
+        return DF.split(out)
