@@ -14,6 +14,11 @@ TORCH_LIBRARY(pyflowmap, m) {
   m.set_python_module("pyflowmap.ops.sampler");
   // x + (t - s) * v with s, t scalar or per-sample [batch] tensors (float32; float64 for float64 x).
   m.def("flowmap_step(Tensor x, Tensor v, Tensor s, Tensor t) -> Tensor");
+
+  // Dual activations on stacked [z; z_dot] (kind: 'gelu' exact, 'silu').
+  m.set_python_module("pyflowmap.ops.dual_act");
+  m.def("dual_act(Tensor zz, str kind) -> Tensor");
+  m.def("dual_act_backward(Tensor grad, Tensor zz, str kind) -> Tensor");
 }
 
 namespace py = pybind11;

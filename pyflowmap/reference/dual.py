@@ -148,3 +148,12 @@ def dual_linear(xx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         return y
     half = y.shape[0] // 2
     return torch.cat([y[:half] + bias, y[half:]])
+
+
+def dual_act_backward(grad: torch.Tensor, zz: torch.Tensor, kind: str = "gelu") -> torch.Tensor:
+    """Gradient of a loss through :func:`dual_act`: with ``grad = [g_y; g_ydot]``,
+    g_z = a'(z) g_y + a''(z) z_dot g_ydot and g_zdot = a'(z) g_ydot (stacked)."""
+    z, z_dot = split(zz)
+    g_y, g_ydot = split(grad)
+    _, d1, d2 = activation_derivatives(z, kind)
+    return torch.cat([d1 * g_y + d2 * z_dot * g_ydot, d1 * g_ydot])

@@ -1,0 +1,17 @@
+"""Precision-tied comparison (STYLE.md): a kernel run in low precision may be off from the
+float64 truth by at most twice the error of the reference twin run in the same precision,
+plus a few units of rounding of the output dtype."""
+
+import torch
+
+
+def rel_err(out: torch.Tensor, exact: torch.Tensor) -> float:
+    if out.numel() == 0:
+        return 0.0
+    return float(((out.double() - exact.double()).abs() / (1 + exact.double().abs())).max())
+
+
+def assert_within_reference_error(out, ref_lowp, exact, ulps: float = 4.0):
+    eps = torch.finfo(out.dtype).eps
+    got, allowed = rel_err(out, exact), 2 * rel_err(ref_lowp, exact) + ulps * eps
+    assert got <= allowed, f"kernel error {got:.3e} > allowed {allowed:.3e} (reference error {rel_err(ref_lowp, exact):.3e})"
