@@ -19,6 +19,13 @@ TORCH_LIBRARY(pyflowmap, m) {
   m.set_python_module("pyflowmap.ops.dual_act");
   m.def("dual_act(Tensor zz, str kind) -> Tensor");
   m.def("dual_act_backward(Tensor grad, Tensor zz, str kind) -> Tensor");
+
+  // Fused flow-map loss: per-sample metric ('l2sq' | 'pseudo_huber' with c) of pred - target,
+  // optional per-sample weight, mean; returns (loss, unweighted per-sample metric).
+  m.set_python_module("pyflowmap.ops.losses");
+  m.def("flowmap_loss(Tensor pred, Tensor? target, Tensor? weight, str metric, float c) -> (Tensor, Tensor)");
+  m.def("flowmap_loss_backward(Tensor grad_loss, Tensor? grad_per_sample, Tensor pred, Tensor? target, "
+        "Tensor? weight, Tensor per_sample, str metric, float c) -> Tensor");
 }
 
 namespace py = pybind11;

@@ -12,7 +12,7 @@ from torch import nn
 from pyflowmap.derivatives import DerivativeMode, resolve_mode
 from pyflowmap.flowmap import FlowMap, as_velocity  # noqa: F401  (re-exported)
 from pyflowmap.interpolants import GaussianBase, Interpolant, make_interpolant
-from pyflowmap.losses import squared_distance
+from pyflowmap.losses import residual_loss
 from pyflowmap.objectives.weighting import LearnedWeighting
 from pyflowmap.times import TimeSampler
 
@@ -98,24 +98,31 @@ class Objective(nn.Module):
         x0 = self.base.sample(x1.shape, generator=generator, device=dev, dtype=dt)
         s, t, n_diag = self.times.sample(B, generator=generator, device=dev, dtype=dt)
 
-        parts, metrics = [], {}
+        parts = []  # (name, pred, target, s, t)
         if n_diag > 0:
             x0d, x1d, td = x0[:n_diag], x1[:n_diag], t[:n_diag]
             xt = self.interpolant.interpolate(x0d, x1d, td)
-            fm = squared_distance(flowmap.velocity(xt, td), self.diagonal_target(x0d, x1d, xt, td))
-            parts.append(("fm", fm, td, td))
+            parts.append(("fm", flowmap.velocity(xt, td), self.diagonal_target(x0d, x1d, xt, td), td, td))
         if n_diag < B:
             so, to = s[n_diag:], t[n_diag:]
             pred, target = self.offdiag_terms(flowmap, x0[n_diag:], x1[n_diag:], so, to, generator)
-            parts.append(("distill", squared_distance(pred, target), so, to))
+            parts.append(("distill", pred, target, so, to))
 
-        loss = x1.new_zeros(())
-        for key, per, ps, pt in parts:
+        loss, metrics, per_sample = x1.new_zeros(()), {}, []
+        for key, pred, target, ps, pt in parts:
+            # one fused residual -> metric -> (weight) -> mean per part; with learned weighting
+            # exp(-w) l + w is the weighted mean of l plus the mean of w
+            if self.weighting is not None:
+                w = self.weighting(ps.to(self.weighting.dtype), pt.to(self.weighting.dtype))
+                part, per = residual_loss(pred, target, weight=torch.exp(-w))
+                part = part + w.mean()
+            else:
+                part, per = residual_loss(pred, target)
+            loss = loss + part.to(loss.dtype)
             metrics[key] = per.detach().mean()
-            weighted = self.weighting.weigh(per, ps, pt) if self.weighting is not None else per
-            loss = loss + weighted.mean()
+            per_sample.append(per)
         metrics["loss"] = loss.detach()
-        per_sample = torch.cat([p[1] for p in parts])
+        per_sample = torch.cat(per_sample)
         return LossOutput(loss=loss, per_sample=per_sample, n_diag=n_diag, metrics=metrics)
 
     def extra_repr(self) -> str:

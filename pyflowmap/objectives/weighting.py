@@ -28,7 +28,11 @@ class LearnedWeighting(nn.Module):
         h = torch.cat([self.emb_s(s), self.emb_t(t)], dim=-1)
         return self.mlp(h).squeeze(-1)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mlp[0].weight.dtype
+
     def weigh(self, per_sample: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        pdtype = self.mlp[0].weight.dtype
-        w = self(s.to(pdtype), t.to(pdtype)).to(per_sample.dtype)
+        """exp(-w(s, t)) l + w(s, t) for per-sample losses ``l``."""
+        w = self(s.to(self.dtype), t.to(self.dtype)).to(per_sample.dtype)
         return torch.exp(-w) * per_sample + w

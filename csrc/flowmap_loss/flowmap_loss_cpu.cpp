@@ -1,0 +1,123 @@
+// CPU kernels of the fused flow-map loss: row-parallel, double accumulation, ISA-cloned loops.
+#include "flowmap_loss/flowmap_loss.h"
+
+#include "common/cpu_dispatch.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace pyflowmap::flowmap_loss {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // elements per task
+
+template <typename T> struct Raw { using R = T; };
+template <> struct Raw<c10::BFloat16> { using R = uint16_t; };
+
+__attribute__((always_inline)) inline float ld(float v) { return v; }
+__attribute__((always_inline)) inline double ld(double v) { return v; }
+__attribute__((always_inline)) inline float ld(uint16_t v) { return bf16_to_float(v); }
+
+template <typename R> __attribute__((always_inline)) inline R st(double v);
+template <> __attribute__((always_inline)) inline float st<float>(double v) { return static_cast<float>(v); }
+template <> __attribute__((always_inline)) inline double st<double>(double v) { return v; }
+template <> __attribute__((always_inline)) inline uint16_t st<uint16_t>(double v) {
+  return float_to_bf16(static_cast<float>(v));
+}
+
+template <typename R>
+__attribute__((always_inline)) inline double row_sq(const R* __restrict__ p, const R* __restrict__ q, int64_t n) {
+  double acc = 0.0;
+  if (q == nullptr) {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n; ++j) { const double d = ld(p[j]); acc += d * d; }
+  } else {
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n; ++j) { const double d = static_cast<double>(ld(p[j])) - ld(q[j]); acc += d * d; }
+  }
+  return acc;
+}
+
+template <typename R, typename Acc>
+__attribute__((always_inline)) inline void row_grad(const R* __restrict__ p, const R* __restrict__ q, Acc coef,
+                                                    R* __restrict__ out, int64_t n) {
+  if (q == nullptr) {
+    for (int64_t j = 0; j < n; ++j) out[j] = st<R>(coef * static_cast<Acc>(ld(p[j])));
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = st<R>(coef * (static_cast<Acc>(ld(p[j])) - static_cast<Acc>(ld(q[j]))));
+  }
+}
+
+#define PYFLOWMAP_ROWS(R, Acc, NAME)                                                                \
+  PYFLOWMAP_CLONES void sq_rows_##NAME(const R* p, const R* q, double* d, int64_t r0, int64_t r1,  \
+                                       int64_t n) {                                                \
+    for (int64_t r = r0; r < r1; ++r) d[r] = row_sq(p + r * n, q ? q + r * n : nullptr, n);        \
+  }                                                                                                \
+  PYFLOWMAP_CLONES void grad_rows_##NAME(const R* p, const R* q, const Acc* coef, R* out,          \
+                                         int64_t r0, int64_t r1, int64_t n) {                      \
+    for (int64_t r = r0; r < r1; ++r)                                                              \
+      row_grad<R, Acc>(p + r * n, q ? q + r * n : nullptr, coef[r], out + r * n, n);               \
+  }
+PYFLOWMAP_ROWS(float, float, f32)
+PYFLOWMAP_ROWS(uint16_t, float, bf16)
+PYFLOWMAP_ROWS(double, double, f64)
+#undef PYFLOWMAP_ROWS
+
+template <typename R> struct Rows;
+template <> struct Rows<float> {
+  static void sq(const float* p, const float* q, double* d, int64_t a, int64_t b, int64_t n) { sq_rows_f32(p, q, d, a, b, n); }
+  static void grad(const float* p, const float* q, const float* c, float* o, int64_t a, int64_t b, int64_t n) { grad_rows_f32(p, q, c, o, a, b, n); }
+};
+template <> struct Rows<uint16_t> {
+  static void sq(const uint16_t* p, const uint16_t* q, double* d, int64_t a, int64_t b, int64_t n) { sq_rows_bf16(p, q, d, a, b, n); }
+  static void grad(const uint16_t* p, const uint16_t* q, const float* c, uint16_t* o, int64_t a, int64_t b, int64_t n) { grad_rows_bf16(p, q, c, o, a, b, n); }
+};
+template <> struct Rows<double> {
+  static void sq(const double* p, const double* q, double* d, int64_t a, int64_t b, int64_t n) { sq_rows_f64(p, q, d, a, b, n); }
+  static void grad(const double* p, const double* q, const double* c, double* o, int64_t a, int64_t b, int64_t n) { grad_rows_f64(p, q, c, o, a, b, n); }
+};
+
+}  // namespace
+
+template <typename T, typename Acc>
+double forward_cpu(const T* pred, const T* target, const Acc* weight, Acc* m, int64_t batch,
+                   int64_t inner, Metric metric, double c) {
+  using R = typename Raw<T>::R;
+  const R* p = reinterpret_cast<const R*>(pred);
+  const R* q = reinterpret_cast<const R*>(target);
+  std::vector<double> d(batch);
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1));
+  at::parallel_for(0, batch, grain, [&](int64_t r0, int64_t r1) { Rows<R>::sq(p, q, d.data(), r0, r1, inner); });
+  double total = 0.0;  // sequential over B: deterministic whatever the thread count
+  for (int64_t i = 0; i < batch; ++i) {
+    const double mi = metric == Metric::kL2Sq ? d[i] : std::sqrt(d[i] + c * c) - c;
+    m[i] = static_cast<Acc>(mi);
+    total += (weight ? static_cast<double>(weight[i]) : 1.0) * mi;
+  }
+  return total;
+}
+
+template <typename T, typename Acc>
+void backward_cpu(const T* pred, const T* target, const Acc* coef, T* dpred, int64_t batch, int64_t inner) {
+  using R = typename Raw<T>::R;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1));
+  at::parallel_for(0, batch, grain, [&](int64_t r0, int64_t r1) {
+    Rows<R>::grad(reinterpret_cast<const R*>(pred), reinterpret_cast<const R*>(target), coef,
+                  reinterpret_cast<R*>(dpred), r0, r1, inner);
+  });
+}
+
+#define PYFLOWMAP_INSTANTIATE(T, Acc)                                                          \
+  template double forward_cpu<T, Acc>(const T*, const T*, const Acc*, Acc*, int64_t, int64_t,  \
+                                      Metric, double);                                         \
+  template void backward_cpu<T, Acc>(const T*, const T*, const Acc*, T*, int64_t, int64_t);
+PYFLOWMAP_INSTANTIATE(float, float)
+PYFLOWMAP_INSTANTIATE(double, double)
+PYFLOWMAP_INSTANTIATE(c10::BFloat16, float)
+#undef PYFLOWMAP_INSTANTIATE
+
+}  // namespace pyflowmap::flowmap_loss

@@ -1,0 +1,154 @@
+// Torch glue of pyflowmap::flowmap_loss and flowmap_loss_backward (schemas in
+// csrc/pyflowmap.cpp; fake and autograd kernels in pyflowmap/ops/losses.py).
+#include "common/format.h"
+#include "flowmap_loss/flowmap_loss.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+namespace pyflowmap::flowmap_loss {
+namespace {
+
+Metric parse_metric(std::string_view metric, double c) {
+  TORCH_CHECK(std::isfinite(c) && c >= 0, "flowmap_loss: `c` must be finite and >= 0, got ",
+              std::to_string(c));
+  if (metric == "l2sq") return Metric::kL2Sq;
+  if (metric == "pseudo_huber") return Metric::kPseudoHuber;
+  TORCH_CHECK(false, "flowmap_loss: `metric` must be 'l2sq' or 'pseudo_huber', got '",
+              std::string(metric), "'");
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+struct Args {
+  at::Tensor pred, target, weight;  // contiguous; target / weight undefined when absent
+  int64_t batch, inner;
+};
+
+Args prepare(const at::Tensor& pred, const std::optional<at::Tensor>& target,
+             const std::optional<at::Tensor>& weight, const char* op) {
+  TORCH_CHECK(pred.dim() >= 1, op, ": `pred` must have a batch dimension");
+  TORCH_CHECK(pred.size(0) > 0, op, ": empty batch (`pred` has batch size 0)");
+  const auto dt = pred.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op,
+              ": `pred` must be float32, float64 or bfloat16, got ", dt);
+  TORCH_CHECK(pred.device().is_cpu(), op, " (CPU kernel): `pred` must be on the CPU");
+  Args a{pred.contiguous(), at::Tensor(), at::Tensor(), pred.size(0), 0};
+  a.inner = pred.numel() / a.batch;
+  if (target.has_value() && target->defined()) {
+    TORCH_CHECK(target->sizes() == pred.sizes(), op, ": `target` shape ", fmt(target->sizes()),
+                " differs from `pred` shape ", fmt(pred.sizes()));
+    TORCH_CHECK(target->scalar_type() == dt, op, ": `target` dtype ", target->scalar_type(),
+                " differs from `pred` dtype ", dt);
+    TORCH_CHECK(target->device() == pred.device(), op, ": `target` is on ", target->device(),
+                " but `pred` is on ", pred.device());
+    a.target = target->contiguous();
+  }
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == a.batch, op,
+                ": `weight` must have shape [batch] = [", fmt(a.batch), "], got ", fmt(weight->sizes()));
+    TORCH_CHECK(weight->scalar_type() == acc_type(dt), op, ": `weight` must have dtype ",
+                acc_type(dt), " for `pred` of dtype ", dt, ", got ", weight->scalar_type());
+    TORCH_CHECK(weight->device() == pred.device(), op, ": `weight` is on ", weight->device(),
+                " but `pred` is on ", pred.device());
+    a.weight = weight->contiguous();
+  }
+  return a;
+}
+
+template <typename T, typename Acc>
+const T* ptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor> flowmap_loss_cpu(const at::Tensor& pred,
+                                                    const std::optional<at::Tensor>& target,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    std::string_view metric, double c) {
+  const Metric mt = parse_metric(metric, c);
+  Args a = prepare(pred, target, weight, "flowmap_loss");
+  const auto acc = acc_type(pred.scalar_type());
+  at::Tensor m = at::empty({a.batch}, a.pred.options().dtype(acc));
+  double total = 0.0;
+  switch (pred.scalar_type()) {
+#define PYFLOWMAP_CASE(ST, T, Acc)                                                               \
+  case ST:                                                                                     \
+    total = forward_cpu<T, Acc>(a.pred.const_data_ptr<T>(), ptr<T, Acc>(a.target),             \
+                                a.weight.defined() ? a.weight.const_data_ptr<Acc>() : nullptr, \
+                                m.mutable_data_ptr<Acc>(), a.batch, a.inner, mt, c);           \
+    break;
+    PYFLOWMAP_CASE(at::kFloat, float, float)
+    PYFLOWMAP_CASE(at::kDouble, double, double)
+    PYFLOWMAP_CASE(at::kBFloat16, c10::BFloat16, float)
+#undef PYFLOWMAP_CASE
+    default:
+      TORCH_CHECK(false, "flowmap_loss: unsupported dtype");
+  }
+  at::Tensor loss = at::scalar_tensor(total / static_cast<double>(a.batch), m.options());
+  return {loss, m};
+}
+
+at::Tensor flowmap_loss_backward_cpu(const at::Tensor& grad_loss,
+                                     const std::optional<at::Tensor>& grad_m,
+                                     const at::Tensor& pred, const std::optional<at::Tensor>& target,
+                                     const std::optional<at::Tensor>& weight, const at::Tensor& m,
+                                     std::string_view metric, double c) {
+  const Metric mt = parse_metric(metric, c);
+  Args a = prepare(pred, target, weight, "flowmap_loss_backward");
+  const auto acc = acc_type(pred.scalar_type());
+  TORCH_CHECK(grad_loss.numel() == 1, "flowmap_loss_backward: `grad_loss` must be a scalar");
+  TORCH_CHECK(m.dim() == 1 && m.size(0) == a.batch && m.scalar_type() == acc,
+              "flowmap_loss_backward: `per_sample` must be the forward's [batch] output");
+  const bool has_gm = grad_m.has_value() && grad_m->defined();
+  if (has_gm) {
+    TORCH_CHECK(grad_m->dim() == 1 && grad_m->size(0) == a.batch,
+                "flowmap_loss_backward: `grad_per_sample` must have shape [batch]");
+  }
+  const at::Tensor mc = m.contiguous();
+  const at::Tensor gl = grad_loss.to(at::kDouble).cpu();
+  const at::Tensor gm = has_gm ? grad_m->to(acc).contiguous() : at::Tensor();
+  at::Tensor coef = at::empty({a.batch}, mc.options());
+  at::Tensor dpred = at::empty(a.pred.sizes(), a.pred.options());
+  const double g0 = gl.const_data_ptr<double>()[0] / static_cast<double>(a.batch);
+  switch (pred.scalar_type()) {
+#define PYFLOWMAP_CASE(ST, T, Acc)                                                              \
+  case ST: {                                                                                  \
+    const Acc* mp = mc.const_data_ptr<Acc>();                                                 \
+    const Acc* wp = a.weight.defined() ? a.weight.const_data_ptr<Acc>() : nullptr;            \
+    const Acc* gmp = has_gm ? gm.const_data_ptr<Acc>() : nullptr;                             \
+    Acc* cp = coef.mutable_data_ptr<Acc>();                                                   \
+    for (int64_t i = 0; i < a.batch; ++i) {                                                   \
+      const double outer = g0 * (wp ? static_cast<double>(wp[i]) : 1.0) + (gmp ? gmp[i] : 0.0); \
+      /* m'(d): 1 for l2sq; 1 / (2 sqrt(d + c^2)) = 1 / (2 (m + c)) for pseudo-Huber, with  */   \
+      /* the subgradient 0 at the kink d = 0 of the plain L2 norm (c = 0).                  */   \
+      const double denom = static_cast<double>(mp[i]) + c;                                    \
+      const double mprime = mt == Metric::kL2Sq ? 1.0 : (denom > 0 ? 0.5 / denom : 0.0);      \
+      cp[i] = static_cast<Acc>(2.0 * outer * mprime);                                         \
+    }                                                                                         \
+    backward_cpu<T, Acc>(a.pred.const_data_ptr<T>(), ptr<T, Acc>(a.target), cp,               \
+                         dpred.mutable_data_ptr<T>(), a.batch, a.inner);                      \
+    break;                                                                                    \
+  }
+    PYFLOWMAP_CASE(at::kFloat, float, float)
+    PYFLOWMAP_CASE(at::kDouble, double, double)
+    PYFLOWMAP_CASE(at::kBFloat16, c10::BFloat16, float)
+#undef PYFLOWMAP_CASE
+    default:
+      TORCH_CHECK(false, "flowmap_loss_backward: unsupported dtype");
+  }
+  return dpred;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyflowmap, CPU, m) {
+  m.impl("flowmap_loss", &flowmap_loss_cpu);
+  m.impl("flowmap_loss_backward", &flowmap_loss_backward_cpu);
+}
+
+}  // namespace pyflowmap::flowmap_loss

@@ -1,0 +1,66 @@
+"""``pyflowmap::flowmap_loss``: residual, metric, weighting, mean and its closed-form gradient."""
+
+from __future__ import annotations
+
+import torch
+
+from pyflowmap import _build  # noqa: F401  (registers the op schemas)
+from pyflowmap.reference.losses import METRICS
+
+
+def flowmap_loss(pred: torch.Tensor, target: torch.Tensor | float | None = None,
+                 weight: torch.Tensor | None = None, metric: str = "l2sq", c: float = 0.0):
+    """Fused ``(loss, per_sample)`` for a prediction and its (stop-gradient or not) target.
+
+    ``pred``: ``[B, ...]``; ``target``: same shape, ``None`` or ``0.0`` (zero); ``weight``:
+    ``[B]`` per-sample weights (float32, float64 for float64 ``pred``). ``per_sample`` is the
+    unweighted metric m_i (float32; float64 for float64). Gradients flow to ``pred``,
+    ``target`` and ``weight``; the ``pred`` gradient is one pass over the rows.
+    """
+    if isinstance(target, (int, float)):
+        if target != 0:
+            raise ValueError("flowmap_loss: a scalar target must be 0")
+        target = None
+    return torch.ops.pyflowmap.flowmap_loss(pred, target, weight, metric, float(c))
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("pyflowmap::flowmap_loss")
+def _fake(pred, target, weight, metric, c):
+    torch._check(pred.dim() >= 1, lambda: "flowmap_loss: `pred` must have a batch dimension")
+    torch._check(metric in METRICS, lambda: f"flowmap_loss: `metric` must be one of {METRICS}")
+    if target is not None:
+        torch._check(target.shape == pred.shape, lambda: "flowmap_loss: `target` shape differs from `pred`")
+    acc = _acc(pred.dtype)
+    return pred.new_empty((), dtype=acc), pred.new_empty((pred.shape[0],), dtype=acc)
+
+
+@torch.library.register_fake("pyflowmap::flowmap_loss_backward")
+def _fake_bwd(grad_loss, grad_per_sample, pred, target, weight, per_sample, metric, c):
+    return torch.empty_like(pred)
+
+
+def _setup(ctx, inputs, output):
+    pred, target, weight, metric, c = inputs
+    ctx.save_for_backward(pred, target, weight, output[1])
+    ctx.metric, ctx.c = metric, c
+
+
+def _backward(ctx, grad_loss, grad_per):
+    pred, target, weight, m = ctx.saved_tensors
+    needs_pred, needs_target, needs_weight = ctx.needs_input_grad[:3]
+    gpred = gtarget = gweight = None
+    if needs_pred or needs_target:
+        gpred = torch.ops.pyflowmap.flowmap_loss_backward(
+            grad_loss, grad_per, pred, target, weight, m, ctx.metric, ctx.c)
+        if needs_target:
+            gtarget = -gpred
+    if needs_weight:
+        gweight = grad_loss * m / m.shape[0]
+    return (gpred if needs_pred else None), gtarget, gweight, None, None
+
+
+torch.library.register_autograd("pyflowmap::flowmap_loss", _backward, setup_context=_setup)

@@ -1,0 +1,26 @@
+"""Reference twin of ``pyflowmap.ops.flowmap_loss``."""
+
+from __future__ import annotations
+
+import torch
+
+METRICS = ("l2sq", "pseudo_huber")
+
+
+def flowmap_loss(pred: torch.Tensor, target: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                 metric: str = "l2sq", c: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean_i w_i m_i, m)`` with d_i = |pred_i - target_i|^2 over the non-batch dims and
+    m_i = d_i (``"l2sq"``) or sqrt(d_i + c^2) - c (``"pseudo_huber"``; c = 0 is the L2 norm).
+
+    Accumulates in float64 (float32 results for float32/bfloat16 inputs).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if pred.dim() < 1 or pred.shape[0] == 0:
+        raise ValueError("flowmap_loss: empty batch")
+    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    diff = pred.double() if target is None else pred.double() - target.double()
+    d = diff.reshape(diff.shape[0], -1).pow(2).sum(1)
+    m = d if metric == "l2sq" else torch.sqrt(d + c * c) - c
+    w = torch.ones_like(m) if weight is None else weight.double()
+    return (w * m).mean().to(acc), m.to(acc)
