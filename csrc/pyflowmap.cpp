@@ -20,6 +20,10 @@ TORCH_LIBRARY(pyflowmap, m) {
   m.def("dual_act(Tensor zz, str kind) -> Tensor");
   m.def("dual_act_backward(Tensor grad, Tensor zz, str kind) -> Tensor");
 
+  // Linear layer on stacked [x; x_dot]: one GEMM, bias on the primal half.
+  m.set_python_module("pyflowmap.ops.dual_linear");
+  m.def("dual_linear(Tensor xx, Tensor weight, Tensor? bias) -> Tensor");
+
   // Fused flow-map loss: per-sample metric ('l2sq' | 'pseudo_huber' with c) of pred - target,
   // optional per-sample weight, mean; returns (loss, unweighted per-sample metric).
   m.set_python_module("pyflowmap.ops.losses");

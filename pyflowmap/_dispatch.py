@@ -28,7 +28,9 @@ def reference_ops(enabled: bool = True):
 
 def _has_kernel(name: str, device: torch.device) -> bool:
     key = {"cuda": "CUDA", "cpu": "CPU"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"pyflowmap::{name}", key)
+    op = f"pyflowmap::{name}"
+    return key is not None and (torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+                                or torch._C._dispatch_has_kernel_for_dispatch_key(op, "CompositeExplicitAutograd"))
 
 
 def pick(name: str, like: torch.Tensor, dtypes=(torch.float32, torch.float64, torch.bfloat16)):
