@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,9 +15,11 @@ F64 = torch.float64
 
 @pytest.fixture
 def math_sdpa(monkeypatch):
-    """SDPA has no forward-AD rule; the jvp references use the same math attention instead."""
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda q, k, v, is_causal=False: math_attention(q, k, v, is_causal))
+    """An independent jvp reference for attention: forward-AD through plain math attention
+    instead of the layer's own jvp rule (which is the dual formula under test)."""
+    from pyflowmap.nn import forward_ad
+
+    monkeypatch.setattr(forward_ad.AttentionFn, "apply", staticmethod(lambda q, k, v, causal: math_attention(q, k, v, causal)))
 
 
 def rand(*shape, seed=0):

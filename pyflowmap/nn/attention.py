@@ -12,7 +12,8 @@ from pyflowmap.nn.layers import DualModule, Linear
 class Attention(DualModule):
     """Self-attention on ``[B, N, dim]`` tokens: qkv projection, ``heads`` heads, output projection.
 
-    Primal mode uses ``F.scaled_dot_product_attention``; dual mode the tangent formula of
+    Primal mode uses ``F.scaled_dot_product_attention`` (with a forward-AD rule, so
+    ``torch.func.jvp`` works, see :mod:`pyflowmap.nn.forward_ad`); dual mode the tangent formula of
     KERNELS.md section 2 (reference math attention here; the JVP flash kernel plugs into
     ``pyflowmap.ops.dual_attention`` on CUDA in its own issue).
     """
@@ -35,8 +36,10 @@ class Attention(DualModule):
         return o.transpose(1, 2).reshape(b, n, h * d)
 
     def forward(self, x):
+        from pyflowmap.nn.forward_ad import AttentionFn
+
         q, k, v = self._heads(self.qkv(x))
-        return self.proj(self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)))
+        return self.proj(self._merge(AttentionFn.apply(q, k, v, self.causal)))
 
     def dual(self, xx):
         q, k, v = self._heads(self.qkv.dual(xx))

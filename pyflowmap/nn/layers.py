@@ -45,7 +45,9 @@ class Activation(DualModule):
         self.kind = kind
 
     def forward(self, x):
-        return F.gelu(x) if self.kind == "gelu" else F.silu(x)
+        from pyflowmap.nn.forward_ad import ActivationFn
+
+        return ActivationFn.apply(x, self.kind)
 
     def dual(self, xx):
         return DF.dual_act(xx, self.kind)

@@ -1,0 +1,76 @@
+"""torch.func.jvp over pyflowmap.nn models in primal mode runs the fused dual kernels through
+autograd.Function jvp rules, including attention (which PyTorch's SDPA cannot do)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyflowmap as pf
+from pyflowmap.nn.attention import math_attention
+from pyflowmap.nn.forward_ad import ActivationFn, AttentionFn
+
+F64 = torch.float64
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def test_sdpa_itself_has_no_forward_ad():
+    q = rand(1, 1, 3, 4)
+    with pytest.raises(RuntimeError, match="forward AD"):
+        torch.func.jvp(lambda a: F.scaled_dot_product_attention(a, a, a), (q,), (q,))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_function_forward_and_reverse_ad(causal):
+    q, k, v = (rand(2, 2, 5, 4, seed=i).requires_grad_() for i in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: AttentionFn.apply(a, b, c, causal), (q, k, v),
+                                    check_forward_ad=True, check_backward_ad=True)
+    dots = [rand(2, 2, 5, 4, seed=10 + i) for i in range(3)]
+    got = torch.func.jvp(lambda a, b, c: AttentionFn.apply(a, b, c, causal), (q, k, v), tuple(dots))
+    want = torch.func.jvp(lambda a, b, c: math_attention(a, b, c, causal), (q, k, v), tuple(dots))
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("kind", ["gelu", "silu"])
+def test_activation_function_forward_and_reverse_ad(kind):
+    z = (3 * rand(4, 5)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: ActivationFn.apply(x, kind), (z,), check_forward_ad=True)
+
+
+def test_jvp_over_a_unet_with_attention_and_reverse_through_the_tangent():
+    torch.manual_seed(0)
+    net = pf.nn.UNetFlowMap(ch=8, emb_dim=8, heads=2, groups=4).double()
+    torch.nn.init.normal_(net.out.weight, std=0.1)
+    fm = pf.FlowMap(net)
+    x, xd = rand(3, 1, 8, 8), rand(3, 1, 8, 8, seed=1)
+    s, t = torch.full((3,), 0.2, dtype=F64), torch.full((3,), 0.7, dtype=F64)
+    one = torch.ones(3, dtype=F64)
+    a = pf.JVP().jvp(fm, x, s, t, xd, None, one)
+    b = pf.Dual().jvp(fm, x, s, t, xd, None, one)
+    torch.testing.assert_close(a[1], b[1])
+    ga = torch.autograd.grad(a[1].square().sum(), list(fm.parameters()))
+    gb = torch.autograd.grad(b[1].square().sum(), list(fm.parameters()))
+    for u, w in zip(ga, gb):
+        torch.testing.assert_close(u, w, rtol=1e-9, atol=1e-11)
+
+
+def test_compiled_and_eager_tangents_agree():
+    torch.manual_seed(0)
+    net = pf.nn.FlowMapMLP(hidden=16, depth=2, emb_dim=8).double()
+    torch.nn.init.normal_(net.head.weight)
+    fm = pf.FlowMap(net)
+    x, s, t = rand(5, 2), torch.rand(5, dtype=F64), torch.rand(5, dtype=F64)
+
+    def jvp_t(a, b, c):
+        return torch.func.jvp(fm, (a, b, c), (torch.zeros_like(a), torch.zeros_like(b), torch.ones_like(c)))[1]
+
+    def dual_t(a, b, c):
+        return fm.tangent(a, b, c, None, None, torch.ones_like(c))[1]
+
+    eager = jvp_t(x, s, t)
+    torch.testing.assert_close(torch.compile(jvp_t)(x, s, t), eager)
+    torch.testing.assert_close(torch.compile(dual_t)(x, s, t), eager)
+    torch.testing.assert_close(dual_t(x, s, t), eager)
