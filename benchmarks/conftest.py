@@ -36,7 +36,7 @@ def bench(benchmark, fn, device, inner=None, **info):
     loop()  # warm-up (and torch.compile's compilation)
     benchmark.extra_info.update(info, inner=inner, device=str(device),
                                 torch=torch.__version__, build=str(pyflowmap.build_info()))
-    benchmark.pedantic(loop, rounds=10 if torch.device(device).type == "cuda" else 7, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(loop, rounds=10 if torch.device(device).type == "cuda" else 15, iterations=1, warmup_rounds=1)
 
 
 @pytest.fixture(params=DEVICES)

@@ -52,15 +52,46 @@ __attribute__((always_inline)) inline void row_grad(const R* __restrict__ p, con
   }
 }
 
+// Rows of compile-time length N (2D data: N = 2) fully unroll; a runtime-length vector loop
+// per row would be all prologue and epilogue there (fused was slower than eager at 64k x 2).
+template <int64_t N, typename R>
+__attribute__((always_inline)) inline void sq_short(const R* p, const R* q, double* d, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) d[r] = row_sq(p + r * N, q ? q + r * N : nullptr, N);
+}
+template <int64_t N, typename R, typename Acc>
+__attribute__((always_inline)) inline void grad_short(const R* p, const R* q, const Acc* coef, R* out,
+                                                      int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) row_grad<R, Acc>(p + r * N, q ? q + r * N : nullptr, coef[r], out + r * N, N);
+}
+
+#define PYFLOWMAP_SHORT(N, CALL) \
+  case N:                        \
+    CALL;                        \
+    return;
+
 #define PYFLOWMAP_ROWS(R, Acc, NAME)                                                                \
   PYFLOWMAP_CLONES void sq_rows_##NAME(const R* p, const R* q, double* d, int64_t r0, int64_t r1,  \
                                        int64_t n) {                                                \
-    for (int64_t r = r0; r < r1; ++r) d[r] = row_sq(p + r * n, q ? q + r * n : nullptr, n);        \
+    switch (n) {                                                                                   \
+      PYFLOWMAP_SHORT(1, (sq_short<1, R>(p, q, d, r0, r1)))                                        \
+      PYFLOWMAP_SHORT(2, (sq_short<2, R>(p, q, d, r0, r1)))                                        \
+      PYFLOWMAP_SHORT(3, (sq_short<3, R>(p, q, d, r0, r1)))                                        \
+      PYFLOWMAP_SHORT(4, (sq_short<4, R>(p, q, d, r0, r1)))                                        \
+      default:                                                                                     \
+        for (int64_t r = r0; r < r1; ++r) d[r] = row_sq(p + r * n, q ? q + r * n : nullptr, n);    \
+    }                                                                                              \
   }                                                                                                \
   PYFLOWMAP_CLONES void grad_rows_##NAME(const R* p, const R* q, const Acc* coef, R* out,          \
                                          int64_t r0, int64_t r1, int64_t n) {                      \
-    for (int64_t r = r0; r < r1; ++r)                                                              \
-      row_grad<R, Acc>(p + r * n, q ? q + r * n : nullptr, coef[r], out + r * n, n);               \
+    switch (n) {                                                                                   \
+      PYFLOWMAP_SHORT(1, (grad_short<1, R, Acc>(p, q, coef, out, r0, r1)))                         \
+      PYFLOWMAP_SHORT(2, (grad_short<2, R, Acc>(p, q, coef, out, r0, r1)))                         \
+      PYFLOWMAP_SHORT(3, (grad_short<3, R, Acc>(p, q, coef, out, r0, r1)))                         \
+      PYFLOWMAP_SHORT(4, (grad_short<4, R, Acc>(p, q, coef, out, r0, r1)))                         \
+      default:                                                                                     \
+        for (int64_t r = r0; r < r1; ++r)                                                          \
+          row_grad<R, Acc>(p + r * n, q ? q + r * n : nullptr, coef[r], out + r * n, n);           \
+    }                                                                                              \
   }
 PYFLOWMAP_ROWS(float, float, f32)
 PYFLOWMAP_ROWS(uint16_t, float, bf16)
@@ -89,15 +120,31 @@ double forward_cpu(const T* pred, const T* target, const Acc* weight, Acc* m, in
   using R = typename Raw<T>::R;
   const R* p = reinterpret_cast<const R*>(pred);
   const R* q = reinterpret_cast<const R*>(target);
-  std::vector<double> d(batch);
-  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1));
-  at::parallel_for(0, batch, grain, [&](int64_t r0, int64_t r1) { Rows<R>::sq(p, q, d.data(), r0, r1, inner); });
-  double total = 0.0;  // sequential over B: deterministic whatever the thread count
-  for (int64_t i = 0; i < batch; ++i) {
-    const double mi = metric == Metric::kL2Sq ? d[i] : std::sqrt(d[i] + c * c) - c;
-    m[i] = static_cast<Acc>(mi);
-    total += (weight ? static_cast<double>(weight[i]) : 1.0) * mi;
-  }
+  // Fixed blocks of rows, each summed in order, then the block sums in order: the same result
+  // whatever the thread count (determinism), with the metric and weighting fused in.
+  const int64_t rows_per_block = std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1));
+  const int64_t nblocks = (batch + rows_per_block - 1) / rows_per_block;
+  std::vector<double> partial(nblocks, 0.0);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    double d[256];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r_end = std::min(batch, (blk + 1) * rows_per_block);
+      double acc = 0.0;
+      for (int64_t r0 = blk * rows_per_block; r0 < r_end; r0 += 256) {
+        const int64_t r1 = std::min(r_end, r0 + 256);
+        Rows<R>::sq(p + r0 * inner, q ? q + r0 * inner : nullptr, d, 0, r1 - r0, inner);
+        for (int64_t r = r0; r < r1; ++r) {
+          const double di = d[r - r0];
+          const double mi = metric == Metric::kL2Sq ? di : std::sqrt(di + c * c) - c;
+          m[r] = static_cast<Acc>(mi);
+          acc += (weight ? static_cast<double>(weight[r]) : 1.0) * mi;
+        }
+      }
+      partial[blk] = acc;
+    }
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
   return total;
 }
 
