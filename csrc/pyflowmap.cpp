@@ -20,6 +20,14 @@ TORCH_LIBRARY(pyflowmap, m) {
   m.def("dual_act(Tensor zz, str kind) -> Tensor");
   m.def("dual_act_backward(Tensor grad, Tensor zz, str kind) -> Tensor");
 
+  // Dual LayerNorm / RMSNorm (center=False) / GroupNorm on stacked [x; x_dot], rows of `len`
+  // elements in `groups` per sample, `spatial` consecutive elements per affine channel.
+  m.set_python_module("pyflowmap.ops.dual_norm");
+  m.def("dual_norm(Tensor xx, Tensor? weight, Tensor? bias, int len, int groups, int spatial, bool center, "
+        "float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("dual_norm_backward(Tensor grad, Tensor xx, Tensor? weight, Tensor mean, Tensor rstd, int len, "
+        "int groups, int spatial, bool center, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
   // Linear layer on stacked [x; x_dot]: one GEMM, bias on the primal half.
   m.set_python_module("pyflowmap.ops.dual_linear");
   m.def("dual_linear(Tensor xx, Tensor weight, Tensor? bias) -> Tensor");

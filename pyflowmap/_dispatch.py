@@ -37,8 +37,10 @@ def pick(name: str, like: torch.Tensor, dtypes=(torch.float32, torch.float64, to
     """The fused ``pyflowmap.ops.<name>`` for ``like``, or ``pyflowmap.reference.<name>``."""
     from pyflowmap import ops, reference
 
-    if not getattr(_state, "reference", False) and like.dtype in dtypes:
+    if not getattr(_state, "reference", False):
         fused = getattr(ops, name, None)
-        if fused is not None and _has_kernel(name, like.device):
+        # a wrapper may name the dispatcher op it runs and the dtypes its kernel covers
+        if (fused is not None and like.dtype in getattr(fused, "dtypes", dtypes)
+                and _has_kernel(getattr(fused, "op_name", name), like.device)):
             return fused
     return getattr(reference, name)

@@ -12,7 +12,8 @@ import torch
 def rel_err(out: torch.Tensor, exact: torch.Tensor) -> float:
     if out.numel() == 0:
         return 0.0
-    return float(((out.double() - exact.double()).abs() / (1 + exact.double().abs())).max())
+    out, exact = out.detach().double(), exact.detach().double()
+    return float(((out - exact).abs() / (1 + exact.abs())).max())
 
 
 def assert_within_reference_error(out, ref_lowp, exact, ulps: float | None = None):

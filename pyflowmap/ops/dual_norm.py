@@ -1,0 +1,75 @@
+"""``pyflowmap::dual_norm``: fused dual LayerNorm / RMSNorm / GroupNorm, forward and backward."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pyflowmap import _build  # noqa: F401  (registers the op schemas)
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _norm(xx, weight, bias, length, groups, spatial, center, eps):
+    yy, _, _ = torch.ops.pyflowmap.dual_norm(
+        xx, None if weight is None else weight.reshape(-1), None if bias is None else bias.reshape(-1),
+        length, groups, spatial, center, float(eps))
+    return yy
+
+
+def dual_layer_norm(xx, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Fused twin of :func:`pyflowmap.reference.dual_layer_norm`."""
+    return _norm(xx, weight, bias, math.prod(tuple(normalized_shape)), 1, 1, True, eps)
+
+
+def dual_rms_norm(xx, weight=None, eps=1e-6):
+    """Fused twin of :func:`pyflowmap.reference.dual_rms_norm`."""
+    return _norm(xx, weight, None, xx.shape[-1], 1, 1, False, eps)
+
+
+def dual_group_norm(xx, groups, weight=None, bias=None, eps=1e-5):
+    """Fused twin of :func:`pyflowmap.reference.dual_group_norm` for ``[2B, C, ...]``."""
+    c = xx.shape[1]
+    if c % groups:
+        raise ValueError(f"channels {c} not divisible by groups {groups}")
+    spatial = math.prod(xx.shape[2:])
+    return _norm(xx, weight, bias, (c // groups) * spatial, groups, spatial, True, eps)
+
+
+for _f in (dual_layer_norm, dual_rms_norm, dual_group_norm):
+    _f.op_name, _f.dtypes = "dual_norm", _DTYPES
+
+
+@torch.library.register_fake("pyflowmap::dual_norm")
+def _fake(xx, weight, bias, length, groups, spatial, center, eps):
+    torch._check(xx.shape[0] % 2 == 0, lambda: "dual_norm: `xx` needs an even leading dim")
+    rows = xx.numel() // (2 * length)
+    return (torch.empty_like(xx), xx.new_empty((rows,), dtype=torch.float64),
+            xx.new_empty((rows,), dtype=torch.float64))
+
+
+@torch.library.register_fake("pyflowmap::dual_norm_backward")
+def _fake_bwd(grad, xx, weight, mean, rstd, length, groups, spatial, center, eps, mask):
+    ch = groups * (length // spatial)
+    return (torch.empty_like(xx), xx.new_empty((ch,)) if mask[1] and weight is not None else None,
+            xx.new_empty((ch,)) if mask[2] else None)
+
+
+def _setup(ctx, inputs, output):
+    xx, weight, bias, length, groups, spatial, center, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(xx, weight, mean, rstd)
+    ctx.cfg = (length, groups, spatial, center, eps)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, gyy, _gmean, _grstd):
+    xx, weight, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], bool(need[1]) and weight is not None, bool(need[2]) and ctx.has_bias]
+    gxx, gw, gb = torch.ops.pyflowmap.dual_norm_backward(gyy.contiguous(), xx, weight, mean, rstd, *ctx.cfg, mask)
+    return gxx if need[0] else None, gw, gb, None, None, None, None, None
+
+
+torch.library.register_autograd("pyflowmap::dual_norm", _backward, setup_context=_setup)
