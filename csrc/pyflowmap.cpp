@@ -38,6 +38,12 @@ TORCH_LIBRARY(pyflowmap, m) {
   m.def("flowmap_loss(Tensor pred, Tensor? target, Tensor? weight, str metric, float c) -> (Tensor, Tensor)");
   m.def("flowmap_loss_backward(Tensor grad_loss, Tensor? grad_per_sample, Tensor pred, Tensor? target, "
         "Tensor? weight, Tensor per_sample, str metric, float c) -> Tensor");
+  // The same for the central-difference residual (plus - minus) * inv_2h - target, formed in
+  // float64 inside the kernel whatever the input dtype.
+  m.def("flowmap_fd_loss(Tensor plus, Tensor minus, Tensor? target, Tensor? weight, float inv_2h, str metric, "
+        "float c) -> (Tensor, Tensor)");
+  m.def("flowmap_fd_loss_backward(Tensor grad_loss, Tensor? grad_per_sample, Tensor plus, Tensor minus, "
+        "Tensor? target, Tensor? weight, Tensor per_sample, float inv_2h, str metric, float c) -> Tensor");
 }
 
 namespace py = pybind11;

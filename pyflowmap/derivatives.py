@@ -13,6 +13,7 @@ LSD and ESD backpropagate through.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call
@@ -36,12 +37,33 @@ def _check_tangents(x, s, t, x_dot, s_dot, t_dot):
             raise ValueError(f"{name} must be a scalar or a [batch] tensor")
 
 
+@dataclass
+class CentralDifference:
+    """A tangent (plus - minus) / 2h not formed yet: :func:`pyflowmap.losses.residual_loss`
+    hands the pair to the fused central-difference loss, which forms the difference in
+    float64 inside its single pass. Anything else calls :meth:`materialize`."""
+
+    plus: torch.Tensor
+    minus: torch.Tensor
+    inv_2h: float
+    dtype: torch.dtype
+
+    @property
+    def shape(self):
+        return self.plus.shape
+
+    def materialize(self) -> torch.Tensor:
+        return ((self.plus - self.minus) * self.inv_2h).to(self.dtype)
+
+
 class DerivativeMode(ABC):
     name = "mode"
 
     @abstractmethod
-    def jvp(self, flowmap: FlowMap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map"):
-        """(out, out_dot); see the module docstring."""
+    def jvp(self, flowmap: FlowMap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map", lazy=False):
+        """(out, out_dot); see the module docstring. ``lazy=True`` lets a mode return the
+        tangent in a deferred form a loss can fuse (finite differences: a
+        :class:`CentralDifference`); callers that pass it must accept either."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -56,7 +78,7 @@ class JVP(DerivativeMode):
 
     name = "jvp"
 
-    def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map"):
+    def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map", lazy=False):
         _check_tangents(x, s, t, x_dot, s_dot, t_dot)
         s, t = batch_time(s, x), batch_time(t, x)
         tangents = (
@@ -118,7 +140,7 @@ class FiniteDifference(DerivativeMode):
                 for k, v in tensors.items()}
         return lambda x, s, t: functional_call(view, cast, (x, s, t))
 
-    def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map"):
+    def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map", lazy=False):
         _check_tangents(x, s, t, x_dot, s_dot, t_dot)
         s, t = batch_time(s, x), batch_time(t, x)
         out = _function(flowmap, output)(x, s, t)
@@ -131,8 +153,8 @@ class FiniteDifference(DerivativeMode):
             ts = t.to(d) if t_dot is None else t.to(d) + sign * h * batch_time(t_dot, x).to(d)
             return f(xs, ss, ts).to(d)
 
-        out_dot = (shifted(1.0) - shifted(-1.0)) / (2 * h)
-        return out, out_dot.to(out.dtype)
+        diff = CentralDifference(shifted(1.0), shifted(-1.0), 1.0 / (2 * h), out.dtype)
+        return out, (diff if lazy else diff.materialize())
 
 
 class Dual(DerivativeMode):
@@ -144,7 +166,7 @@ class Dual(DerivativeMode):
 
     name = "dual"
 
-    def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map"):
+    def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map", lazy=False):
         _check_tangents(x, s, t, x_dot, s_dot, t_dot)
         if output not in ("map", "velocity"):
             raise ValueError(f"output must be 'map' or 'velocity', got {output!r}")

@@ -12,19 +12,28 @@ import torch
 from pyflowmap._dispatch import pick
 
 
-def residual_loss(pred: torch.Tensor, target: torch.Tensor | float | None = None,
+def residual_loss(pred, target: torch.Tensor | float | None = None,
                   weight: torch.Tensor | None = None, metric: str = "l2sq", c: float = 0.0):
     """``(mean_i w_i m_i, m)`` with m_i the metric of |pred_i - target_i|^2 (see
-    :func:`pyflowmap.reference.flowmap_loss`)."""
+    :func:`pyflowmap.reference.flowmap_loss`). ``pred`` may be a deferred
+    :class:`~pyflowmap.derivatives.CentralDifference`, which runs the fused
+    central-difference loss instead."""
+    from pyflowmap.derivatives import CentralDifference
+
     if isinstance(target, (int, float)):
         if target != 0:
             raise ValueError("residual_loss: a scalar target must be 0")
         target = None
-    if target is not None and target.dtype != pred.dtype:
-        target = target.to(pred.dtype)
+    lead = pred.plus if isinstance(pred, CentralDifference) else pred
+    if target is not None and target.dtype != lead.dtype:
+        target = target.to(lead.dtype)
     if weight is not None:
-        weight = weight.to(torch.float64 if pred.dtype == torch.float64 else torch.float32)
-    return pick("flowmap_loss", pred)(pred, target, weight, metric, c)
+        weight = weight.to(torch.float64 if lead.dtype == torch.float64 else torch.float32)
+    if isinstance(pred, CentralDifference):
+        loss, m = pick("flowmap_fd_loss", lead)(pred.plus, pred.minus, target, weight, pred.inv_2h, metric, c)
+    else:
+        loss, m = pick("flowmap_loss", lead)(pred, target, weight, metric, c)
+    return loss, m
 
 
 def squared_distance(pred: torch.Tensor, target: torch.Tensor | float) -> torch.Tensor:

@@ -28,11 +28,20 @@ Metric parse_metric(std::string_view metric, double c) {
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 struct Args {
-  at::Tensor pred, target, weight;  // contiguous; target / weight undefined when absent
+  at::Tensor pred, minus, target, weight;  // contiguous; minus / target / weight undefined when absent
   int64_t batch, inner;
 };
 
-Args prepare(const at::Tensor& pred, const std::optional<at::Tensor>& target,
+void check_like(const at::Tensor& t, const at::Tensor& pred, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == pred.sizes(), op, ": `", name, "` shape ", fmt(t.sizes()),
+              " differs from `pred` shape ", fmt(pred.sizes()));
+  TORCH_CHECK(t.scalar_type() == pred.scalar_type(), op, ": `", name, "` dtype ", t.scalar_type(),
+              " differs from `pred` dtype ", pred.scalar_type());
+  TORCH_CHECK(t.device() == pred.device(), op, ": `", name, "` is on ", t.device(), " but `pred` is on ",
+              pred.device());
+}
+
+Args prepare(const at::Tensor& pred, const at::Tensor& minus, const std::optional<at::Tensor>& target,
              const std::optional<at::Tensor>& weight, const char* op) {
   TORCH_CHECK(pred.dim() >= 1, op, ": `pred` must have a batch dimension");
   TORCH_CHECK(pred.size(0) > 0, op, ": empty batch (`pred` has batch size 0)");
@@ -40,15 +49,14 @@ Args prepare(const at::Tensor& pred, const std::optional<at::Tensor>& target,
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op,
               ": `pred` must be float32, float64 or bfloat16, got ", dt);
   TORCH_CHECK(pred.device().is_cpu(), op, " (CPU kernel): `pred` must be on the CPU");
-  Args a{pred.contiguous(), at::Tensor(), at::Tensor(), pred.size(0), 0};
+  Args a{pred.contiguous(), at::Tensor(), at::Tensor(), at::Tensor(), pred.size(0), 0};
   a.inner = pred.numel() / a.batch;
+  if (minus.defined()) {
+    check_like(minus, pred, op, "minus");
+    a.minus = minus.contiguous();
+  }
   if (target.has_value() && target->defined()) {
-    TORCH_CHECK(target->sizes() == pred.sizes(), op, ": `target` shape ", fmt(target->sizes()),
-                " differs from `pred` shape ", fmt(pred.sizes()));
-    TORCH_CHECK(target->scalar_type() == dt, op, ": `target` dtype ", target->scalar_type(),
-                " differs from `pred` dtype ", dt);
-    TORCH_CHECK(target->device() == pred.device(), op, ": `target` is on ", target->device(),
-                " but `pred` is on ", pred.device());
+    check_like(*target, pred, op, "target");
     a.target = target->contiguous();
   }
   if (weight.has_value() && weight->defined()) {
@@ -63,22 +71,20 @@ Args prepare(const at::Tensor& pred, const std::optional<at::Tensor>& target,
   return a;
 }
 
-template <typename T, typename Acc>
-const T* ptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; }
+template <typename T>
+Residual<T> residual(const Args& a, double scale) {
+  return {a.pred.const_data_ptr<T>(), a.minus.defined() ? a.minus.const_data_ptr<T>() : nullptr,
+          a.target.defined() ? a.target.const_data_ptr<T>() : nullptr, scale};
+}
 
-std::tuple<at::Tensor, at::Tensor> flowmap_loss_cpu(const at::Tensor& pred,
-                                                    const std::optional<at::Tensor>& target,
-                                                    const std::optional<at::Tensor>& weight,
-                                                    std::string_view metric, double c) {
-  const Metric mt = parse_metric(metric, c);
-  Args a = prepare(pred, target, weight, "flowmap_loss");
-  const auto acc = acc_type(pred.scalar_type());
+std::tuple<at::Tensor, at::Tensor> loss_forward(const Args& a, double scale, Metric mt, double c) {
+  const auto acc = acc_type(a.pred.scalar_type());
   at::Tensor m = at::empty({a.batch}, a.pred.options().dtype(acc));
   double total = 0.0;
-  switch (pred.scalar_type()) {
+  switch (a.pred.scalar_type()) {
 #define PYFLOWMAP_CASE(ST, T, Acc)                                                               \
   case ST:                                                                                     \
-    total = forward_cpu<T, Acc>(a.pred.const_data_ptr<T>(), ptr<T, Acc>(a.target),             \
+    total = forward_cpu<T, Acc>(residual<T>(a, scale),                                          \
                                 a.weight.defined() ? a.weight.const_data_ptr<Acc>() : nullptr, \
                                 m.mutable_data_ptr<Acc>(), a.batch, a.inner, mt, c);           \
     break;
@@ -93,21 +99,15 @@ std::tuple<at::Tensor, at::Tensor> flowmap_loss_cpu(const at::Tensor& pred,
   return {loss, m};
 }
 
-at::Tensor flowmap_loss_backward_cpu(const at::Tensor& grad_loss,
-                                     const std::optional<at::Tensor>& grad_m,
-                                     const at::Tensor& pred, const std::optional<at::Tensor>& target,
-                                     const std::optional<at::Tensor>& weight, const at::Tensor& m,
-                                     std::string_view metric, double c) {
-  const Metric mt = parse_metric(metric, c);
-  Args a = prepare(pred, target, weight, "flowmap_loss_backward");
-  const auto acc = acc_type(pred.scalar_type());
-  TORCH_CHECK(grad_loss.numel() == 1, "flowmap_loss_backward: `grad_loss` must be a scalar");
-  TORCH_CHECK(m.dim() == 1 && m.size(0) == a.batch && m.scalar_type() == acc,
-              "flowmap_loss_backward: `per_sample` must be the forward's [batch] output");
+at::Tensor loss_backward(const Args& a, const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_m,
+                         const at::Tensor& m, double scale, Metric mt, double c, const char* op) {
+  const auto acc = acc_type(a.pred.scalar_type());
+  TORCH_CHECK(grad_loss.numel() == 1, op, ": `grad_loss` must be a scalar");
+  TORCH_CHECK(m.dim() == 1 && m.size(0) == a.batch && m.scalar_type() == acc, op,
+              ": `per_sample` must be the forward's [batch] output");
   const bool has_gm = grad_m.has_value() && grad_m->defined();
   if (has_gm) {
-    TORCH_CHECK(grad_m->dim() == 1 && grad_m->size(0) == a.batch,
-                "flowmap_loss_backward: `grad_per_sample` must have shape [batch]");
+    TORCH_CHECK(grad_m->dim() == 1 && grad_m->size(0) == a.batch, op, ": `grad_per_sample` must have shape [batch]");
   }
   const at::Tensor mc = m.contiguous();
   const at::Tensor gl = grad_loss.to(at::kDouble).cpu();
@@ -115,7 +115,7 @@ at::Tensor flowmap_loss_backward_cpu(const at::Tensor& grad_loss,
   at::Tensor coef = at::empty({a.batch}, mc.options());
   at::Tensor dpred = at::empty(a.pred.sizes(), a.pred.options());
   const double g0 = gl.const_data_ptr<double>()[0] / static_cast<double>(a.batch);
-  switch (pred.scalar_type()) {
+  switch (a.pred.scalar_type()) {
 #define PYFLOWMAP_CASE(ST, T, Acc)                                                              \
   case ST: {                                                                                  \
     const Acc* mp = mc.const_data_ptr<Acc>();                                                 \
@@ -130,8 +130,7 @@ at::Tensor flowmap_loss_backward_cpu(const at::Tensor& grad_loss,
       const double mprime = mt == Metric::kL2Sq ? 1.0 : (denom > 0 ? 0.5 / denom : 0.0);      \
       cp[i] = static_cast<Acc>(2.0 * outer * mprime);                                         \
     }                                                                                         \
-    backward_cpu<T, Acc>(a.pred.const_data_ptr<T>(), ptr<T, Acc>(a.target), cp,               \
-                         dpred.mutable_data_ptr<T>(), a.batch, a.inner);                      \
+    backward_cpu<T, Acc>(residual<T>(a, scale), cp, dpred.mutable_data_ptr<T>(), a.batch, a.inner); \
     break;                                                                                    \
   }
     PYFLOWMAP_CASE(at::kFloat, float, float)
@@ -139,9 +138,48 @@ at::Tensor flowmap_loss_backward_cpu(const at::Tensor& grad_loss,
     PYFLOWMAP_CASE(at::kBFloat16, c10::BFloat16, float)
 #undef PYFLOWMAP_CASE
     default:
-      TORCH_CHECK(false, "flowmap_loss_backward: unsupported dtype");
+      TORCH_CHECK(false, op, ": unsupported dtype");
   }
   return dpred;
+}
+
+double check_scale(double inv_2h) {
+  TORCH_CHECK(std::isfinite(inv_2h) && inv_2h > 0, "flowmap_fd_loss: `inv_2h` must be finite and positive");
+  return inv_2h;
+}
+
+std::tuple<at::Tensor, at::Tensor> flowmap_loss_cpu(const at::Tensor& pred, const std::optional<at::Tensor>& target,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    std::string_view metric, double c) {
+  const Metric mt = parse_metric(metric, c);
+  return loss_forward(prepare(pred, at::Tensor(), target, weight, "flowmap_loss"), 1.0, mt, c);
+}
+
+at::Tensor flowmap_loss_backward_cpu(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_m,
+                                     const at::Tensor& pred, const std::optional<at::Tensor>& target,
+                                     const std::optional<at::Tensor>& weight, const at::Tensor& m,
+                                     std::string_view metric, double c) {
+  const Metric mt = parse_metric(metric, c);
+  const Args a = prepare(pred, at::Tensor(), target, weight, "flowmap_loss_backward");
+  return loss_backward(a, grad_loss, grad_m, m, 1.0, mt, c, "flowmap_loss_backward");
+}
+
+std::tuple<at::Tensor, at::Tensor> flowmap_fd_loss_cpu(const at::Tensor& plus, const at::Tensor& minus,
+                                                       const std::optional<at::Tensor>& target,
+                                                       const std::optional<at::Tensor>& weight, double inv_2h,
+                                                       std::string_view metric, double c) {
+  const Metric mt = parse_metric(metric, c);
+  return loss_forward(prepare(plus, minus, target, weight, "flowmap_fd_loss"), check_scale(inv_2h), mt, c);
+}
+
+at::Tensor flowmap_fd_loss_backward_cpu(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_m,
+                                        const at::Tensor& plus, const at::Tensor& minus,
+                                        const std::optional<at::Tensor>& target,
+                                        const std::optional<at::Tensor>& weight, const at::Tensor& m,
+                                        double inv_2h, std::string_view metric, double c) {
+  const Metric mt = parse_metric(metric, c);
+  const Args a = prepare(plus, minus, target, weight, "flowmap_fd_loss_backward");
+  return loss_backward(a, grad_loss, grad_m, m, check_scale(inv_2h), mt, c, "flowmap_fd_loss_backward");
 }
 
 }  // namespace
@@ -149,6 +187,8 @@ at::Tensor flowmap_loss_backward_cpu(const at::Tensor& grad_loss,
 TORCH_LIBRARY_IMPL(pyflowmap, CPU, m) {
   m.impl("flowmap_loss", &flowmap_loss_cpu);
   m.impl("flowmap_loss_backward", &flowmap_loss_backward_cpu);
+  m.impl("flowmap_fd_loss", &flowmap_fd_loss_cpu);
+  m.impl("flowmap_fd_loss_backward", &flowmap_fd_loss_backward_cpu);
 }
 
 }  // namespace pyflowmap::flowmap_loss

@@ -34,9 +34,9 @@ class ESD(Objective):
         w = self.transport_velocity(flowmap, xs, s)
         ones = torch.ones_like(s)
         if not self.spatial_stopgrad:
-            _, total = mode.jvp(flowmap, xs, s, t, x_dot=w, s_dot=ones)
+            _, total = mode.jvp(flowmap, xs, s, t, x_dot=w, s_dot=ones, lazy=True)
             return total, 0.0
-        _, dX_ds = mode.jvp(flowmap, xs, s, t, s_dot=ones)
+        _, dX_ds = mode.jvp(flowmap, xs, s, t, s_dot=ones, lazy=True)
         with torch.no_grad():
             _, spatial = mode.jvp(flowmap, xs, s, t, x_dot=w)
         return dX_ds, -spatial

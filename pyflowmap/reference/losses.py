@@ -24,3 +24,14 @@ def flowmap_loss(pred: torch.Tensor, target: torch.Tensor | None = None, weight:
     m = d if metric == "l2sq" else torch.sqrt(d + c * c) - c
     w = torch.ones_like(m) if weight is None else weight.double()
     return (w * m).mean().to(acc), m.to(acc)
+
+
+def flowmap_fd_loss(plus: torch.Tensor, minus: torch.Tensor, target: torch.Tensor | None = None,
+                    weight: torch.Tensor | None = None, inv_2h: float = 1.0, metric: str = "l2sq",
+                    c: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`flowmap_loss` of the central difference (plus - minus) * inv_2h, formed in float64."""
+    diff = (plus.double() - minus.double()) * inv_2h
+    loss, m = flowmap_loss(diff, None if target is None else target.double(),
+                           None if weight is None else weight.double(), metric, c)
+    acc = torch.float64 if plus.dtype == torch.float64 else torch.float32
+    return loss.to(acc), m.to(acc)
