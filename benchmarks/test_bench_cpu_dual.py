@@ -121,3 +121,19 @@ def test_dual_gelu(benchmark, variant, direction):
               "reference": lambda: reference.dual_act_backward(grad, zz),
               "plain-gelu-x2": lambda: (torch.ops.aten.gelu_backward(grad, zz),) * 2}[variant]
     bench(benchmark, fn, "cpu", bytes=(2 if direction == "forward" else 3) * n * 4)
+
+
+@pytest.mark.parametrize("variant", ["fused", "reference", "plain-layer-norm-x2"])
+def test_dual_layer_norm_fwd_bwd(benchmark, variant):
+    """Dual LayerNorm with affine on stacked [8192, 512], forward + backward through both halves."""
+    g = torch.Generator().manual_seed(0)
+    xx = torch.randn(8192, 512, generator=g).requires_grad_()
+    w, b = (torch.randn(512, generator=g).requires_grad_() for _ in range(2))
+    gout = torch.randn(8192, 512, generator=g)
+    benchmark.group = "dual LayerNorm fwd+bwd 2x4096x512 fp32 (cpu)"
+    if variant == "plain-layer-norm-x2":  # what two ordinary LayerNorms cost
+        fn = lambda: torch.autograd.grad(F.layer_norm(xx, (512,), w, b), (xx, w, b), gout)  # noqa: E731
+    else:
+        op = ops.dual_layer_norm if variant == "fused" else reference.dual_layer_norm
+        fn = lambda: torch.autograd.grad(op(xx, (512,), w, b), (xx, w, b), gout)  # noqa: E731
+    bench(benchmark, fn, "cpu")

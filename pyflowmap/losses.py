@@ -35,7 +35,3 @@ def residual_loss(pred, target: torch.Tensor | float | None = None,
         loss, m = pick("flowmap_loss", lead)(pred, target, weight, metric, c)
     return loss, m
 
-
-def squared_distance(pred: torch.Tensor, target: torch.Tensor | float) -> torch.Tensor:
-    """|pred - target|^2 summed over every non-batch dimension: shape ``[B]``."""
-    return residual_loss(pred, target)[1]

@@ -62,4 +62,12 @@ PYFLOWMAP_VINLINE float sigmoid_f(float z) { return 1.0f / (1.0f + exp_f(-z)); }
 inline double normal_cdf_d(double z) { return 0.5 * std::erfc(-z * 0.70710678118654752); }
 inline double sigmoid_d(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 
+// Overloads so that element math can be written once for float (vectorizable) and double (libm).
+PYFLOWMAP_VINLINE float exp_(float x) { return exp_f(x); }
+inline double exp_(double x) { return std::exp(x); }
+PYFLOWMAP_VINLINE float normal_cdf(float z) { return normal_cdf_f(z); }
+inline double normal_cdf(double z) { return normal_cdf_d(z); }
+PYFLOWMAP_VINLINE float sigmoid(float z) { return sigmoid_f(z); }
+inline double sigmoid(double z) { return sigmoid_d(z); }
+
 }  // namespace pyflowmap::vmath

@@ -18,36 +18,21 @@ using namespace pyflowmap::vmath;
 
 constexpr int64_t kGrain = 1 << 13;  // transcendental-heavy: smaller tasks than a copy
 
-// a'(z) and a''(z) (and a(z)) for one element, fp32.
-template <Kind K>
-__attribute__((always_inline)) inline void derivs_f(float z, float& a, float& d1, float& d2) {
+// a(z), a'(z) and a''(z) for one element; F = float uses the vectorizable vmath functions,
+// F = double libm (through the vmath overloads).
+template <Kind K, typename F>
+__attribute__((always_inline)) inline void derivs(F z, F& a, F& d1, F& d2) {
   if constexpr (K == Kind::kGelu) {
-    const float cdf = normal_cdf_f(z);
-    const float pdf = kInvSqrt2Pi * exp_f(-0.5f * z * z);
+    const F cdf = normal_cdf(z);
+    const F pdf = F(0.39894228040143268) * exp_(F(-0.5) * z * z);  // 1 / sqrt(2 pi), rounded once to F
     a = z * cdf;
     d1 = cdf + z * pdf;
-    d2 = pdf * (2.0f - z * z);
+    d2 = pdf * (F(2) - z * z);
   } else {
-    const float s = sigmoid_f(z);
+    const F s = sigmoid(z);
     a = z * s;
-    d1 = s * (1.0f + z * (1.0f - s));
-    d2 = s * (1.0f - s) * (2.0f + z * (1.0f - 2.0f * s));
-  }
-}
-
-template <Kind K>
-inline void derivs_d(double z, double& a, double& d1, double& d2) {
-  if constexpr (K == Kind::kGelu) {
-    const double cdf = normal_cdf_d(z);
-    const double pdf = 0.39894228040143268 * std::exp(-0.5 * z * z);
-    a = z * cdf;
-    d1 = cdf + z * pdf;
-    d2 = pdf * (2.0 - z * z);
-  } else {
-    const double s = sigmoid_d(z);
-    a = z * s;
-    d1 = s * (1.0 + z * (1.0 - s));
-    d2 = s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s));
+    d1 = s * (F(1) + z * (F(1) - s));
+    d2 = s * (F(1) - s) * (F(2) + z * (F(1) - F(2) * s));
   }
 }
 
@@ -69,7 +54,7 @@ __attribute__((always_inline)) inline void fwd_loop(const typename S::T* __restr
                      typename S::T* __restrict__ y, typename S::T* __restrict__ yd, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     float a, d1, d2;
-    derivs_f<K>(S::ld(z[i]), a, d1, d2);
+    derivs<K, float>(S::ld(z[i]), a, d1, d2);
     y[i] = S::st(a);
     yd[i] = S::st(d1 * S::ld(zd[i]));
   }
@@ -81,7 +66,7 @@ __attribute__((always_inline)) inline void bwd_loop(const typename S::T* __restr
                      typename S::T* __restrict__ gz, typename S::T* __restrict__ gzd, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     float a, d1, d2;
-    derivs_f<K>(S::ld(z[i]), a, d1, d2);
+    derivs<K, float>(S::ld(z[i]), a, d1, d2);
     const float g_ydot = S::ld(gyd[i]);
     gz[i] = S::st(d1 * S::ld(gy[i]) + d2 * S::ld(zd[i]) * g_ydot);
     gzd[i] = S::st(d1 * g_ydot);
@@ -110,8 +95,8 @@ PYFLOWMAP_RANGES(BF16)
 void fwd_range_f64(const double* z, const double* zd, double* y, double* yd, int64_t n, Kind k) {
   for (int64_t i = 0; i < n; ++i) {
     double a, d1, d2;
-    if (k == Kind::kGelu) derivs_d<Kind::kGelu>(z[i], a, d1, d2);
-    else derivs_d<Kind::kSilu>(z[i], a, d1, d2);
+    if (k == Kind::kGelu) derivs<Kind::kGelu, double>(z[i], a, d1, d2);
+    else derivs<Kind::kSilu, double>(z[i], a, d1, d2);
     y[i] = a;
     yd[i] = d1 * zd[i];
   }
@@ -121,8 +106,8 @@ void bwd_range_f64(const double* gy, const double* gyd, const double* z, const d
                    double* gz, double* gzd, int64_t n, Kind k) {
   for (int64_t i = 0; i < n; ++i) {
     double a, d1, d2;
-    if (k == Kind::kGelu) derivs_d<Kind::kGelu>(z[i], a, d1, d2);
-    else derivs_d<Kind::kSilu>(z[i], a, d1, d2);
+    if (k == Kind::kGelu) derivs<Kind::kGelu, double>(z[i], a, d1, d2);
+    else derivs<Kind::kSilu, double>(z[i], a, d1, d2);
     gz[i] = d1 * gy[i] + d2 * zd[i] * gyd[i];
     gzd[i] = d1 * gyd[i];
   }
