@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from pyflowmap._dispatch import pick
+from pyflowmap._dtypes import acc_dtype
 
 
 def residual_loss(pred, target: torch.Tensor | float | None = None,
@@ -28,7 +29,7 @@ def residual_loss(pred, target: torch.Tensor | float | None = None,
     if target is not None and target.dtype != lead.dtype:
         target = target.to(lead.dtype)
     if weight is not None:
-        weight = weight.to(torch.float64 if lead.dtype == torch.float64 else torch.float32)
+        weight = weight.to(acc_dtype(lead.dtype))
     if isinstance(pred, CentralDifference):
         loss, m = pick("flowmap_fd_loss", lead)(pred.plus, pred.minus, target, weight, pred.inv_2h, metric, c)
     else:

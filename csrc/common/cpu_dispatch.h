@@ -1,12 +1,12 @@
-// Runtime ISA dispatch for CPU kernels: on x86-64 with GCC, a function marked PYFLOWMAP_CLONES
-// is compiled three times (AVX-512, AVX2+FMA, baseline SSE2) and the loader picks the best one
-// for the running CPU (ifunc). Mark the innermost range function, not the parallel_for lambda.
+// Shared pieces of the CPU kernels: runtime ISA dispatch and branch-free bfloat16 conversion.
+//
+// On x86-64 with GCC, a function marked PYFLOWMAP_CLONES is compiled three times (AVX-512,
+// AVX2, baseline SSE2) and the loader picks the best one for the running CPU (ifunc). Mark the
+// innermost range function, not the parallel_for lambda, and make everything it calls
+// PYFLOWMAP_INLINE so it is compiled inside each clone.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-
 #include <cstdint>
-#include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // Feature names, not "arch=": an arch clone is chosen only on that exact CPU model, so a
@@ -16,18 +16,38 @@
 #define PYFLOWMAP_CLONES
 #endif
 
+#define PYFLOWMAP_INLINE __attribute__((always_inline)) inline
+
+namespace c10 {
+struct BFloat16;
+}
+
 namespace pyflowmap {
 
 // bfloat16 <-> float on raw bits, branch-free so the loops around them vectorize
 // (round to nearest even; NaN stays a quiet NaN), bit-identical to c10::BFloat16.
-__attribute__((always_inline)) inline float bf16_to_float(uint16_t b) {
+PYFLOWMAP_INLINE float bf16_to_float(uint16_t b) {
   return __builtin_bit_cast(float, static_cast<uint32_t>(b) << 16);
 }
 
-__attribute__((always_inline)) inline uint16_t float_to_bf16(float f) {
+PYFLOWMAP_INLINE uint16_t float_to_bf16(float f) {
   const uint32_t u = __builtin_bit_cast(uint32_t, f);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
 }
+
+// The raw storage type a kernel loop works on: bfloat16 as its bits, others as themselves.
+template <typename T> struct Raw { using R = T; };
+template <> struct Raw<c10::BFloat16> { using R = uint16_t; };
+
+// Loads to the compute type and stores back from it.
+PYFLOWMAP_INLINE float ld(float v) { return v; }
+PYFLOWMAP_INLINE double ld(double v) { return v; }
+PYFLOWMAP_INLINE float ld(uint16_t v) { return bf16_to_float(v); }
+
+template <typename R> PYFLOWMAP_INLINE R st(double v);
+template <> PYFLOWMAP_INLINE float st<float>(double v) { return static_cast<float>(v); }
+template <> PYFLOWMAP_INLINE double st<double>(double v) { return v; }
+template <> PYFLOWMAP_INLINE uint16_t st<uint16_t>(double v) { return float_to_bf16(static_cast<float>(v)); }
 
 }  // namespace pyflowmap

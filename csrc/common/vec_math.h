@@ -3,17 +3,16 @@
 // with target_clones, so each clone gets SSE2 / AVX2 / AVX-512 code from the same source.
 #pragma once
 
+#include "common/cpu_dispatch.h"
+
 #include <cmath>
 #include <cstdint>
-
-// always_inline so that the math is compiled inside each target_clones ISA variant.
-#define PYFLOWMAP_VINLINE __attribute__((always_inline)) inline
 
 namespace pyflowmap::vmath {
 
 // expf after Cephes: exp(x) = 2^n exp(r), |r| <= ln2/2, degree-6 polynomial; about 2 ulp.
 // Inputs are clamped to [-87, 88] (normal range), so tiny results saturate at ~1.6e-38.
-PYFLOWMAP_VINLINE float exp_f(float x) {
+PYFLOWMAP_INLINE float exp_f(float x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
   // round to nearest through the 1.5 * 2^23 shifter: no floor() call, which the SSE2 baseline
@@ -33,7 +32,7 @@ PYFLOWMAP_VINLINE float exp_f(float x) {
 }
 
 // erfc(a) for a >= 0 (Numerical Recipes' Chebyshev fit, fractional error < 1.2e-7).
-PYFLOWMAP_VINLINE float erfc_pos_f(float a) {
+PYFLOWMAP_INLINE float erfc_pos_f(float a) {
   const float t = 1.0f / (1.0f + 0.5f * a);
   float p = 0.17087277f;
   p = p * t - 0.82215223f;
@@ -52,22 +51,22 @@ constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 
 // Standard normal CDF with good relative accuracy in both tails.
-PYFLOWMAP_VINLINE float normal_cdf_f(float z) {
+PYFLOWMAP_INLINE float normal_cdf_f(float z) {
   const float e = 0.5f * erfc_pos_f((z < 0.0f ? -z : z) * kInvSqrt2);
   return z >= 0.0f ? 1.0f - e : e;
 }
 
-PYFLOWMAP_VINLINE float sigmoid_f(float z) { return 1.0f / (1.0f + exp_f(-z)); }
+PYFLOWMAP_INLINE float sigmoid_f(float z) { return 1.0f / (1.0f + exp_f(-z)); }
 
 inline double normal_cdf_d(double z) { return 0.5 * std::erfc(-z * 0.70710678118654752); }
 inline double sigmoid_d(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 
 // Overloads so that element math can be written once for float (vectorizable) and double (libm).
-PYFLOWMAP_VINLINE float exp_(float x) { return exp_f(x); }
+PYFLOWMAP_INLINE float exp_(float x) { return exp_f(x); }
 inline double exp_(double x) { return std::exp(x); }
-PYFLOWMAP_VINLINE float normal_cdf(float z) { return normal_cdf_f(z); }
+PYFLOWMAP_INLINE float normal_cdf(float z) { return normal_cdf_f(z); }
 inline double normal_cdf(double z) { return normal_cdf_d(z); }
-PYFLOWMAP_VINLINE float sigmoid(float z) { return sigmoid_f(z); }
+PYFLOWMAP_INLINE float sigmoid(float z) { return sigmoid_f(z); }
 inline double sigmoid(double z) { return sigmoid_d(z); }
 
 }  // namespace pyflowmap::vmath

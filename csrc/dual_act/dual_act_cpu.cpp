@@ -21,7 +21,7 @@ constexpr int64_t kGrain = 1 << 13;  // transcendental-heavy: smaller tasks than
 // a(z), a'(z) and a''(z) for one element; F = float uses the vectorizable vmath functions,
 // F = double libm (through the vmath overloads).
 template <Kind K, typename F>
-__attribute__((always_inline)) inline void derivs(F z, F& a, F& d1, F& d2) {
+PYFLOWMAP_INLINE void derivs(F z, F& a, F& d1, F& d2) {
   if constexpr (K == Kind::kGelu) {
     const F cdf = normal_cdf(z);
     const F pdf = F(0.39894228040143268) * exp_(F(-0.5) * z * z);  // 1 / sqrt(2 pi), rounded once to F
@@ -44,13 +44,13 @@ struct F32 {
 };
 struct BF16 {
   using T = uint16_t;
-  static float ld(uint16_t v) { return bf16_to_float(v); }
+  static float ld(uint16_t v) { return pyflowmap::ld(v); }
   static uint16_t st(float v) { return float_to_bf16(v); }
 };
 
 // always_inline: the loops must be compiled inside each ISA clone, not once for the baseline.
 template <typename S, Kind K>
-__attribute__((always_inline)) inline void fwd_loop(const typename S::T* __restrict__ z, const typename S::T* __restrict__ zd,
+PYFLOWMAP_INLINE void fwd_loop(const typename S::T* __restrict__ z, const typename S::T* __restrict__ zd,
                      typename S::T* __restrict__ y, typename S::T* __restrict__ yd, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     float a, d1, d2;
@@ -61,7 +61,7 @@ __attribute__((always_inline)) inline void fwd_loop(const typename S::T* __restr
 }
 
 template <typename S, Kind K>
-__attribute__((always_inline)) inline void bwd_loop(const typename S::T* __restrict__ gy, const typename S::T* __restrict__ gyd,
+PYFLOWMAP_INLINE void bwd_loop(const typename S::T* __restrict__ gy, const typename S::T* __restrict__ gyd,
                      const typename S::T* __restrict__ z, const typename S::T* __restrict__ zd,
                      typename S::T* __restrict__ gz, typename S::T* __restrict__ gzd, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
@@ -113,17 +113,11 @@ void bwd_range_f64(const double* gy, const double* gyd, const double* z, const d
   }
 }
 
-template <typename T>
-struct Storage;
-template <> struct Storage<float> { using R = float; };
-template <> struct Storage<double> { using R = double; };
-template <> struct Storage<c10::BFloat16> { using R = uint16_t; };
-
 }  // namespace
 
 template <typename T>
 void forward_cpu(const T* z, const T* z_dot, T* y, T* y_dot, int64_t n, Kind kind) {
-  using R = typename Storage<T>::R;
+  using R = typename Raw<T>::R;
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
     auto zp = reinterpret_cast<const R*>(z) + b;
     auto zdp = reinterpret_cast<const R*>(z_dot) + b;
@@ -138,7 +132,7 @@ void forward_cpu(const T* z, const T* z_dot, T* y, T* y_dot, int64_t n, Kind kin
 template <typename T>
 void backward_cpu(const T* g_y, const T* g_ydot, const T* z, const T* z_dot, T* g_z, T* g_zdot,
                   int64_t n, Kind kind) {
-  using R = typename Storage<T>::R;
+  using R = typename Raw<T>::R;
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
     auto a0 = reinterpret_cast<const R*>(g_y) + b;
     auto a1 = reinterpret_cast<const R*>(g_ydot) + b;

@@ -1,5 +1,6 @@
 // Torch glue of pyflowmap::dual_act and dual_act_backward (schemas in csrc/pyflowmap.cpp;
 // fake and autograd kernels in pyflowmap/ops/dual_act.py).
+#include "common/checks.h"
 #include "common/format.h"
 #include "dual_act/dual_act.h"
 
@@ -18,10 +19,8 @@ Kind parse_kind(std::string_view kind) {
   TORCH_CHECK(false, "dual_act: `kind` must be 'gelu' or 'silu', got '", std::string(kind), "'");
 }
 
-void check_stacked(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() >= 1 && t.size(0) % 2 == 0, op, ": `", name,
-              "` must be a stacked [primal; tangent] tensor with an even leading dim, got shape ",
-              fmt(t.sizes()));
+void check_input(const at::Tensor& t, const char* op, const char* name) {
+  check_stacked(t, op, name);
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op, ": `", name,
               "` must be float32, float64 or bfloat16, got ", dt);
@@ -37,7 +36,7 @@ void check_stacked(const at::Tensor& t, const char* op, const char* name) {
   }
 
 at::Tensor dual_act_cpu(const at::Tensor& zz_in, std::string_view kind) {
-  check_stacked(zz_in, "dual_act", "zz");
+  check_input(zz_in, "dual_act", "zz");
   const Kind k = parse_kind(kind);
   const at::Tensor zz = zz_in.contiguous();
   at::Tensor out = at::empty(zz.sizes(), zz.options());
@@ -52,8 +51,8 @@ at::Tensor dual_act_cpu(const at::Tensor& zz_in, std::string_view kind) {
 
 at::Tensor dual_act_backward_cpu(const at::Tensor& grad_in, const at::Tensor& zz_in,
                                  std::string_view kind) {
-  check_stacked(zz_in, "dual_act_backward", "zz");
-  check_stacked(grad_in, "dual_act_backward", "grad");
+  check_input(zz_in, "dual_act_backward", "zz");
+  check_input(grad_in, "dual_act_backward", "grad");
   TORCH_CHECK(grad_in.sizes() == zz_in.sizes(), "dual_act_backward: `grad` shape ",
               fmt(grad_in.sizes()), " differs from `zz` shape ", fmt(zz_in.sizes()));
   TORCH_CHECK(grad_in.scalar_type() == zz_in.scalar_type(), "dual_act_backward: `grad` dtype ",

@@ -2,6 +2,7 @@
 // over all 2B rows (W read once) and the bias added in place, so the layer is one autograd
 // node with no concatenation. Written with ATen ops, so one CompositeExplicitAutograd kernel
 // serves every device; the backward (pyflowmap/ops/dual_linear.py) is two GEMMs and a sum.
+#include "common/checks.h"
 #include "common/format.h"
 
 #include <ATen/core/Tensor.h>
@@ -15,9 +16,7 @@ namespace {
 
 at::Tensor dual_linear(const at::Tensor& xx, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(xx.dim() >= 1 && xx.size(0) % 2 == 0,
-              "dual_linear: `xx` must be a stacked [primal; tangent] tensor with an even leading "
-              "dim, got shape ", fmt(xx.sizes()));
+  check_stacked(xx, "dual_linear", "xx", /*min_dim=*/2);
   TORCH_CHECK(weight.dim() == 2, "dual_linear: `weight` must be [out, in], got ", fmt(weight.sizes()));
   TORCH_CHECK(xx.size(-1) == weight.size(1), "dual_linear: `xx` has ", fmt(xx.size(-1)),
               " features but `weight` expects ", fmt(weight.size(1)));

@@ -10,14 +10,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace pyflowmap::dual_norm {
 namespace {
 
 constexpr int64_t kGrain = 1 << 14;  // elements per task
-
-#define PYFLOWMAP_INLINE __attribute__((always_inline)) inline
 
 // Calls f(j_begin, j_end, w, b) for runs of elements sharing an affine pair (GroupNorm), or
 // once with per-element pointers (LayerNorm / RMSNorm): `w`/`b` are then arrays indexed by j.
@@ -176,6 +175,7 @@ PYFLOWMAP_INLINE void bwd_rows(const T* gyy, const T* xx, const T* w, const doub
   }
 }
 
+// The float path is ISA-cloned; double (tests, references) compiles once.
 PYFLOWMAP_CLONES void fwd_rows_f32(const float* xx, const float* w, const float* b, float* yy, double* mean,
                                    double* rstd, const Shape& s, int64_t r0, int64_t r1) {
   fwd_rows(xx, w, b, yy, mean, rstd, s, r0, r1);
@@ -185,25 +185,19 @@ PYFLOWMAP_CLONES void bwd_rows_f32(const float* gyy, const float* xx, const floa
                                    int64_t r0, int64_t r1) {
   bwd_rows(gyy, xx, w, mean, rstd, gxx, gw, gb, s, r0, r1);
 }
-void fwd_rows_any(const double* xx, const double* w, const double* b, double* yy, double* mean, double* rstd,
-                  const Shape& s, int64_t r0, int64_t r1) {
-  fwd_rows(xx, w, b, yy, mean, rstd, s, r0, r1);
+
+template <typename T>
+void fwd_dispatch(const T* xx, const T* w, const T* b, T* yy, double* mean, double* rstd, const Shape& s,
+                  int64_t r0, int64_t r1) {
+  if constexpr (std::is_same_v<T, float>) fwd_rows_f32(xx, w, b, yy, mean, rstd, s, r0, r1);
+  else fwd_rows(xx, w, b, yy, mean, rstd, s, r0, r1);
 }
-void bwd_rows_any(const double* gyy, const double* xx, const double* w, const double* mean, const double* rstd,
-                  double* gxx, double* gw, double* gb, const Shape& s, int64_t r0, int64_t r1) {
-  bwd_rows(gyy, xx, w, mean, rstd, gxx, gw, gb, s, r0, r1);
-}
-inline void fwd_dispatch(const float* a, const float* w, const float* b, float* y, double* m, double* r, const Shape& s,
-                         int64_t r0, int64_t r1) { fwd_rows_f32(a, w, b, y, m, r, s, r0, r1); }
-inline void fwd_dispatch(const double* a, const double* w, const double* b, double* y, double* m, double* r,
-                         const Shape& s, int64_t r0, int64_t r1) { fwd_rows_any(a, w, b, y, m, r, s, r0, r1); }
-inline void bwd_dispatch(const float* g, const float* a, const float* w, const double* m, const double* r, float* gx,
-                         double* gw, double* gb, const Shape& s, int64_t r0, int64_t r1) {
-  bwd_rows_f32(g, a, w, m, r, gx, gw, gb, s, r0, r1);
-}
-inline void bwd_dispatch(const double* g, const double* a, const double* w, const double* m, const double* r,
-                         double* gx, double* gw, double* gb, const Shape& s, int64_t r0, int64_t r1) {
-  bwd_rows_any(g, a, w, m, r, gx, gw, gb, s, r0, r1);
+
+template <typename T>
+void bwd_dispatch(const T* gyy, const T* xx, const T* w, const double* mean, const double* rstd, T* gxx,
+                  double* gw, double* gb, const Shape& s, int64_t r0, int64_t r1) {
+  if constexpr (std::is_same_v<T, float>) bwd_rows_f32(gyy, xx, w, mean, rstd, gxx, gw, gb, s, r0, r1);
+  else bwd_rows(gyy, xx, w, mean, rstd, gxx, gw, gb, s, r0, r1);
 }
 
 }  // namespace
@@ -225,7 +219,11 @@ void backward_cpu(const T* gyy, const T* xx, const T* weight, const double* mean
                   T* gw, T* gb, const Shape& s) {
   std::vector<T> ones;
   if (!weight) { ones.assign(s.channels, T(1)); weight = ones.data(); }
-  const int64_t rows_per_block = std::max<int64_t>(1, kGrain / std::max<int64_t>(s.len, 1));
+  // At most kMaxBlocks blocks, so the per-block affine scratch stays small next to the input
+  // (one row per block made it twice the size of xx for long LayerNorm rows).
+  constexpr int64_t kMaxBlocks = 64;
+  const int64_t rows_per_block = std::max<int64_t>({1, kGrain / std::max<int64_t>(s.len, 1),
+                                                    (s.rows + kMaxBlocks - 1) / kMaxBlocks});
   const int64_t nblocks = (s.rows + rows_per_block - 1) / rows_per_block;
   const bool need_w = gw != nullptr, need_b = gb != nullptr;
   std::vector<double> wacc(need_w ? nblocks * s.channels : 0, 0.0);

@@ -1,6 +1,7 @@
 // Torch glue of pyflowmap::dual_norm and dual_norm_backward (schemas in csrc/pyflowmap.cpp;
 // the LayerNorm / RMSNorm / GroupNorm wrappers, fake and autograd kernels in
 // pyflowmap/ops/dual_norm.py).
+#include "common/checks.h"
 #include "common/format.h"
 #include "dual_norm/dual_norm.h"
 
@@ -23,9 +24,7 @@ Shape make_shape(const at::Tensor& xx, const std::optional<at::Tensor>& weight,
               ": `xx` must be float32 or float64, got ", xx.scalar_type());
   TORCH_CHECK(len >= 1 && groups >= 1 && spatial >= 1 && len % spatial == 0, op,
               ": invalid row layout len=", fmt(len), " groups=", fmt(groups), " spatial=", fmt(spatial));
-  TORCH_CHECK(xx.dim() >= 1 && xx.size(0) % 2 == 0, op,
-              ": `xx` must be a stacked [primal; tangent] tensor with an even leading dim, got ",
-              fmt(xx.sizes()));
+  check_stacked(xx, op, "xx");
   TORCH_CHECK(xx.numel() % (2 * len * groups) == 0, op, ": `xx` with ", fmt(xx.numel()),
               " elements does not split into rows of ", fmt(len), " in groups of ", fmt(groups));
   TORCH_CHECK(eps > 0, op, ": `eps` must be positive");

@@ -15,19 +15,6 @@ namespace pyflowmap::flowmap_loss {
 namespace {
 
 constexpr int64_t kGrain = 1 << 15;  // elements per task
-#define PYFLOWMAP_INLINE __attribute__((always_inline)) inline
-
-template <typename T> struct Raw { using R = T; };
-template <> struct Raw<c10::BFloat16> { using R = uint16_t; };
-
-PYFLOWMAP_INLINE double ld(float v) { return v; }
-PYFLOWMAP_INLINE double ld(double v) { return v; }
-PYFLOWMAP_INLINE double ld(uint16_t v) { return bf16_to_float(v); }
-
-template <typename R> PYFLOWMAP_INLINE R st(double v);
-template <> PYFLOWMAP_INLINE float st<float>(double v) { return static_cast<float>(v); }
-template <> PYFLOWMAP_INLINE double st<double>(double v) { return v; }
-template <> PYFLOWMAP_INLINE uint16_t st<uint16_t>(double v) { return float_to_bf16(static_cast<float>(v)); }
 
 // One row of the residual, pointers already offset to the row. Which operands exist is a
 // compile-time choice: a runtime null test inside the loop stopped vectorization (3x slower).
@@ -39,8 +26,8 @@ struct Row {
   double scale;
   PYFLOWMAP_INLINE double r(int64_t j) const {
     double a;
-    if constexpr (HasM) a = (ld(p[j]) - ld(m[j])) * scale;
-    else a = ld(p[j]) * scale;
+    if constexpr (HasM) a = (static_cast<double>(ld(p[j])) - ld(m[j])) * scale;
+    else a = static_cast<double>(ld(p[j])) * scale;
     if constexpr (HasQ) a -= ld(q[j]);
     return a;
   }

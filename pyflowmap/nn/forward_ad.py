@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pyflowmap.nn import functional as DF
+from pyflowmap.nn.layers import stack
 
 
 class ActivationFn(torch.autograd.Function):
@@ -62,18 +63,23 @@ class AttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         q, k, v = ctx.saved_tensors
+        # Inside a double backward (grad mode on) the recomputation must itself be
+        # differentiable: SDPA's CPU backward has no derivative, so math attention runs then.
+        create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            qkv = [t.detach().requires_grad_() for t in (q, k, v)]
-            o = F.scaled_dot_product_attention(*qkv, is_causal=ctx.causal)
-            grads = torch.autograd.grad(o, qkv, g)
+            if create_graph:
+                from pyflowmap.nn.attention import math_attention
+
+                qkv = [t if t.requires_grad else t.detach().requires_grad_() for t in (q, k, v)]
+                o = math_attention(*qkv, ctx.causal)
+            else:
+                qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+                o = F.scaled_dot_product_attention(*qkv, is_causal=ctx.causal)
+            grads = torch.autograd.grad(o, qkv, g, create_graph=create_graph)
         return (*grads, None)
 
     @staticmethod
     def jvp(ctx, q_dot, k_dot, v_dot, _causal_dot):
         q, k, v = ctx.saved_tensors
-
-        def stack(x, d):
-            return torch.cat([x, torch.zeros_like(x) if d is None else d])
-
         oo = DF.dual_attention(stack(q, q_dot), stack(k, k_dot), stack(v, v_dot), ctx.causal)
         return DF.split(oo)[1]

@@ -19,6 +19,14 @@ def tangent_like(d, ref: torch.Tensor) -> torch.Tensor | None:
     return torch.as_tensor(d, dtype=ref.dtype, device=ref.device).expand(ref.shape[0])
 
 
+def time_tangents(s, t, s_dot, t_dot):
+    """(s_dot, d(t - s)) as [B] tensors or None: the tangents of the two time embeddings."""
+    s_dot, t_dot = tangent_like(s_dot, s), tangent_like(t_dot, t)
+    if s_dot is None and t_dot is None:
+        return None, None
+    return s_dot, (t_dot if t_dot is not None else 0) - (s_dot if s_dot is not None else 0)
+
+
 class FlowMapMLP(nn.Module):
     """v_{s,t}(x) = sigma_d * MLP([x / sigma_d, emb(s), emb(t - s)]).
 
@@ -65,9 +73,7 @@ class FlowMapMLP(nn.Module):
             h = torch.cat([x / sd, self.emb_s(s), self.emb_dt(t - s)], dim=-1)
             return sd * self.head(self.body(h))
         x_dot, s_dot, t_dot = tangents
-        s_dot, t_dot = tangent_like(s_dot, s), tangent_like(t_dot, t)
-        dt_dot = None if s_dot is None and t_dot is None else (
-            (t_dot if t_dot is not None else 0) - (s_dot if s_dot is not None else 0))
+        s_dot, dt_dot = time_tangents(s, t, s_dot, t_dot)
         hh = torch.cat([
             stack(x / sd, None if x_dot is None else x_dot / sd),
             self.emb_s.dual(s, s_dot),

@@ -10,7 +10,7 @@ from pyflowmap.nn import functional as DF
 from pyflowmap.nn.attention import Attention
 from pyflowmap.nn.embeddings import SinusoidalEmbedding
 from pyflowmap.nn.layers import Activation, Conv2d, DualModule, GroupNorm, Linear, Sequential, modulate, stack
-from pyflowmap.nn.mlp import tangent_like
+from pyflowmap.nn.mlp import time_tangents
 
 
 class ResBlock(DualModule):
@@ -118,9 +118,7 @@ class UNetFlowMap(nn.Module):
             c = self.cond(torch.cat([self.emb_s(s), self.emb_dt(t - s)], -1))
             return sd * self._run(x / sd, c, dual=False)
         x_dot, s_dot, t_dot = tangents
-        s_dot, t_dot = tangent_like(s_dot, s), tangent_like(t_dot, t)
-        dt_dot = None if s_dot is None and t_dot is None else (
-            (t_dot if t_dot is not None else 0) - (s_dot if s_dot is not None else 0))
+        s_dot, dt_dot = time_tangents(s, t, s_dot, t_dot)
         cc = self.cond.dual(torch.cat([self.emb_s.dual(s, s_dot), self.emb_dt.dual(t - s, dt_dot)], -1))
         out = sd * self._run(stack(x / sd, None if x_dot is None else x_dot / sd), cc, dual=True)
         return DF.split(out)

@@ -31,8 +31,3 @@ class LearnedWeighting(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.mlp[0].weight.dtype
-
-    def weigh(self, per_sample: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """exp(-w(s, t)) l + w(s, t) for per-sample losses ``l``."""
-        w = self(s.to(self.dtype), t.to(self.dtype)).to(per_sample.dtype)
-        return torch.exp(-w) * per_sample + w

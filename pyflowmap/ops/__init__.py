@@ -12,3 +12,7 @@ from pyflowmap.ops.sampler import flowmap_step
 
 __all__ = ["dual_act", "dual_group_norm", "dual_layer_norm", "dual_linear", "dual_rms_norm", "flowmap_fd_loss",
            "flowmap_loss", "flowmap_step"]
+
+from pyflowmap import _dispatch  # noqa: E402
+
+_dispatch.register_kernels()

@@ -46,7 +46,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (zz,) = ctx.saved_tensors
-    return torch.ops.pyflowmap.dual_act_backward(grad.contiguous(), zz, ctx.kind), None
+    return torch.ops.pyflowmap.dual_act_backward(grad, zz, ctx.kind), None
 
 
 def _setup_bwd(ctx, inputs, output):

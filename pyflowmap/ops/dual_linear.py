@@ -18,7 +18,8 @@ def dual_linear(xx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 @torch.library.register_fake("pyflowmap::dual_linear")
 def _fake(xx, weight, bias):
-    torch._check(xx.shape[0] % 2 == 0, lambda: "dual_linear: `xx` needs an even leading dim")
+    torch._check(xx.dim() >= 2 and xx.shape[0] % 2 == 0,
+                 lambda: "dual_linear: `xx` must be [2B, ..., in] with an even leading dim")
     torch._check(xx.shape[-1] == weight.shape[1], lambda: "dual_linear: feature mismatch")
     return xx.new_empty((*xx.shape[:-1], weight.shape[0]))
 

@@ -7,6 +7,8 @@ import math
 import torch
 
 from pyflowmap import _build  # noqa: F401  (registers the op schemas)
+from pyflowmap.ops._autograd import forbid_double_backward
+from pyflowmap.reference.dual import check_normalized_shape
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -20,6 +22,7 @@ def _norm(xx, weight, bias, length, groups, spatial, center, eps):
 
 def dual_layer_norm(xx, normalized_shape, weight=None, bias=None, eps=1e-5):
     """Fused twin of :func:`pyflowmap.reference.dual_layer_norm`."""
+    check_normalized_shape(xx, normalized_shape)
     return _norm(xx, weight, bias, math.prod(tuple(normalized_shape)), 1, 1, True, eps)
 
 
@@ -45,14 +48,15 @@ for _f in (dual_layer_norm, dual_rms_norm, dual_group_norm):
 def _fake(xx, weight, bias, length, groups, spatial, center, eps):
     torch._check(xx.shape[0] % 2 == 0, lambda: "dual_norm: `xx` needs an even leading dim")
     rows = xx.numel() // (2 * length)
-    return (torch.empty_like(xx), xx.new_empty((rows,), dtype=torch.float64),
+    # the kernel returns contiguous tensors whatever the input strides
+    return (xx.new_empty(xx.shape), xx.new_empty((rows,), dtype=torch.float64),
             xx.new_empty((rows,), dtype=torch.float64))
 
 
 @torch.library.register_fake("pyflowmap::dual_norm_backward")
 def _fake_bwd(grad, xx, weight, mean, rstd, length, groups, spatial, center, eps, mask):
     ch = groups * (length // spatial)
-    return (torch.empty_like(xx), xx.new_empty((ch,)) if mask[1] and weight is not None else None,
+    return (xx.new_empty(xx.shape), xx.new_empty((ch,)) if mask[1] and weight is not None else None,
             xx.new_empty((ch,)) if mask[2] else None)
 
 
@@ -68,8 +72,9 @@ def _backward(ctx, gyy, _gmean, _grstd):
     xx, weight, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], bool(need[1]) and weight is not None, bool(need[2]) and ctx.has_bias]
-    gxx, gw, gb = torch.ops.pyflowmap.dual_norm_backward(gyy.contiguous(), xx, weight, mean, rstd, *ctx.cfg, mask)
+    gxx, gw, gb = torch.ops.pyflowmap.dual_norm_backward(gyy, xx, weight, mean, rstd, *ctx.cfg, mask)
     return gxx if need[0] else None, gw, gb, None, None, None, None, None
 
 
 torch.library.register_autograd("pyflowmap::dual_norm", _backward, setup_context=_setup)
+forbid_double_backward("pyflowmap::dual_norm_backward")

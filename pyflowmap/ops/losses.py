@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from pyflowmap import _build  # noqa: F401  (registers the op schemas)
+from pyflowmap._dtypes import acc_dtype
+from pyflowmap.ops._autograd import forbid_double_backward
 from pyflowmap.reference.losses import METRICS
 
 
@@ -24,23 +26,19 @@ def flowmap_loss(pred: torch.Tensor, target: torch.Tensor | float | None = None,
     return torch.ops.pyflowmap.flowmap_loss(pred, target, weight, metric, float(c))
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("pyflowmap::flowmap_loss")
 def _fake(pred, target, weight, metric, c):
     torch._check(pred.dim() >= 1, lambda: "flowmap_loss: `pred` must have a batch dimension")
     torch._check(metric in METRICS, lambda: f"flowmap_loss: `metric` must be one of {METRICS}")
     if target is not None:
         torch._check(target.shape == pred.shape, lambda: "flowmap_loss: `target` shape differs from `pred`")
-    acc = _acc(pred.dtype)
+    acc = acc_dtype(pred.dtype)
     return pred.new_empty((), dtype=acc), pred.new_empty((pred.shape[0],), dtype=acc)
 
 
 @torch.library.register_fake("pyflowmap::flowmap_loss_backward")
 def _fake_bwd(grad_loss, grad_per_sample, pred, target, weight, per_sample, metric, c):
-    return torch.empty_like(pred)
+    return pred.new_empty(pred.shape)  # contiguous, as the kernel returns
 
 
 def _setup(ctx, inputs, output):
@@ -64,6 +62,7 @@ def _backward(ctx, grad_loss, grad_per):
 
 
 torch.library.register_autograd("pyflowmap::flowmap_loss", _backward, setup_context=_setup)
+forbid_double_backward("pyflowmap::flowmap_loss_backward")
 
 
 def flowmap_fd_loss(plus: torch.Tensor, minus: torch.Tensor, target: torch.Tensor | float | None = None,
@@ -88,7 +87,7 @@ def _fake_fd(plus, minus, target, weight, inv_2h, metric, c):
 
 @torch.library.register_fake("pyflowmap::flowmap_fd_loss_backward")
 def _fake_fd_bwd(grad_loss, grad_per_sample, plus, minus, target, weight, per_sample, inv_2h, metric, c):
-    return torch.empty_like(plus)
+    return plus.new_empty(plus.shape)
 
 
 def _setup_fd(ctx, inputs, output):
@@ -114,3 +113,4 @@ def _backward_fd(ctx, grad_loss, grad_per):
 
 
 torch.library.register_autograd("pyflowmap::flowmap_fd_loss", _backward_fd, setup_context=_setup_fd)
+forbid_double_backward("pyflowmap::flowmap_fd_loss_backward")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from pyflowmap import _build  # noqa: F401  (registers the op schema)
+from pyflowmap._dtypes import acc_dtype
 
 _OP = "pyflowmap::flowmap_step"
 
 
 def time_dtype(x_dtype: torch.dtype) -> torch.dtype:
     """Times are float64 for float64 states, else float32 (bf16 times would be off by ~4e-3)."""
-    return torch.float64 if x_dtype == torch.float64 else torch.float32
+    return acc_dtype(x_dtype)
 
 
 def _as_time(value, x: torch.Tensor) -> torch.Tensor:

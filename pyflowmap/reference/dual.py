@@ -25,6 +25,12 @@ def split(xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xx[:half], xx[half:]
 
 
+def check_normalized_shape(xx: torch.Tensor, normalized_shape) -> None:
+    shape = tuple(normalized_shape)
+    if tuple(xx.shape[xx.dim() - len(shape):]) != shape or xx.dim() < len(shape) + 1:
+        raise ValueError(f"layer norm over {shape} needs an input ending in those dims, got {tuple(xx.shape)}")
+
+
 def activation_derivatives(z: torch.Tensor, kind: str):
     """(a(z), a'(z), a''(z)) for ``kind`` in ``ACTIVATIONS`` (GELU is the exact erf form)."""
     if kind == "gelu":
@@ -47,6 +53,7 @@ def dual_act(zz: torch.Tensor, kind: str = "gelu") -> torch.Tensor:
 def dual_layer_norm(xx: torch.Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the trailing ``normalized_shape`` dims with its tangent:
     xhat_dot = rstd (x_dot - mean(x_dot) - xhat mean(xhat x_dot)); y_dot = weight * xhat_dot."""
+    check_normalized_shape(xx, normalized_shape)
     x, x_dot = split(xx)
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
     mean = x.mean(dims, keepdim=True)
@@ -143,6 +150,9 @@ def dual_sinusoidal(t: torch.Tensor, t_dot: torch.Tensor | None, freqs: torch.Te
 
 def dual_linear(xx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """One GEMM over the stacked rows (W read once); the bias lands on the primal half only."""
+    if xx.dim() < 2:
+        raise ValueError(f"dual_linear: `xx` must be [2B, ..., in], got shape {tuple(xx.shape)}")
+    split(xx)  # checks the even leading dim
     y = F.linear(xx, weight)
     if bias is None:
         return y
@@ -155,5 +165,7 @@ def dual_act_backward(grad: torch.Tensor, zz: torch.Tensor, kind: str = "gelu") 
     g_z = a'(z) g_y + a''(z) z_dot g_ydot and g_zdot = a'(z) g_ydot (stacked)."""
     z, z_dot = split(zz)
     g_y, g_ydot = split(grad)
-    _, d1, d2 = activation_derivatives(z, kind)
-    return torch.cat([d1 * g_y + d2 * z_dot * g_ydot, d1 * g_ydot])
+    low = zz.dtype in (torch.float16, torch.bfloat16)  # computed in float64 there, like the forward
+    up = (lambda t: t.double()) if low else (lambda t: t)  # noqa: E731
+    _, d1, d2 = activation_derivatives(up(z), kind)
+    return torch.cat([d1 * up(g_y) + d2 * up(z_dot) * up(g_ydot), d1 * up(g_ydot)]).to(zz.dtype)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from pyflowmap._dtypes import acc_dtype
+
 
 def flowmap_step(x: torch.Tensor, v: torch.Tensor, s, t) -> torch.Tensor:
     """``x + (t - s) * v`` computed in the time dtype (float32, float64 for float64 ``x``)."""
-    tdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    tdtype = acc_dtype(x.dtype)
     s = torch.as_tensor(s, dtype=tdtype, device=x.device)
     t = torch.as_tensor(t, dtype=tdtype, device=x.device)
     dt = t - s
