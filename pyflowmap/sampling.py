@@ -38,23 +38,63 @@ def _check_noise(x: torch.Tensor):
         raise ValueError(f"noise must be a batch [B, ...], got shape {tuple(x.shape)}")
 
 
-@torch.no_grad()
-def sample(flowmap: FlowMap, noise: torch.Tensor, steps: int | None = 1,
-           grid: Sequence[float] | torch.Tensor | None = None, return_trajectory: bool = False):
-    """Compose flow-map jumps over a grid: x <- X_{g_k, g_{k+1}}(x), starting from ``noise``.
+KINDS = ("flowmap", "consistency")
 
-    ``steps`` gives a uniform grid on [0, 1]; ``grid`` any increasing grid. Each jump is the
-    network call plus the fused ``flowmap_step`` update. Returns the final state ``[B, ...]``,
-    or with ``return_trajectory`` the stack ``[len(grid), B, ...]``.
-    """
-    _check_noise(noise)
-    g = _resolve_grid(steps, grid, noise)
-    x = noise
-    traj = [x] if return_trajectory else None
-    for k in range(g.numel() - 1):
-        x = flowmap.jump(x, g[k].to(x.dtype), g[k + 1].to(x.dtype))
+
+def _loop(model: FlowMap, x: torch.Tensor, g: torch.Tensor, kind: str, base, generator,
+          traj: list | None) -> torch.Tensor:
+    """The K-step loop shared by eager sampling and CUDA-graph capture (no host syncs)."""
+    last = g.numel() - 1
+    for k in range(last):
+        s, t = g[k].to(x.dtype), g[k + 1].to(x.dtype)
+        if kind == "flowmap":
+            x = model.jump(x, s, t)
+        else:
+            x1 = model.jump(x, s, g[last].to(x.dtype))  # jump to the data end
+            if k + 1 < last:  # re-noise onto the interpolant at the next grid time
+                eps = base.sample(x.shape, generator=generator, device=x.device, dtype=x.dtype) \
+                    if base is not None else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = (1 - t) * eps + t * x1
+            else:
+                x = x1
         if traj is not None:
             traj.append(x)
+    return x
+
+
+@torch.no_grad()
+def sample(model: FlowMap, noise: torch.Tensor, steps: int | None = 1,
+           grid: Sequence[float] | torch.Tensor | None = None, kind: str = "flowmap", base=None, generator: torch.Generator | None = None, graph: bool = False,
+           return_trajectory: bool = False):
+    """Few-step sampling from ``noise`` (t = 0) to data (t = 1) over a time grid.
+
+    ``kind="flowmap"``: compose jumps x <- X_{g_k, g_{k+1}}(x) (deterministic).
+    ``kind="consistency"``: at each grid time jump to the data end, x1 = X_{g_k, 1}(x), then
+    re-noise onto the linear interpolant at the next grid time, x = (1 - g_{k+1}) eps +
+    g_{k+1} x1 with fresh eps from ``base`` (default N(0, I)): multistep consistency sampling,
+    the grid [0, t_mid, 1] being the ECT-style two-step sampler with mid time t_mid. (Partial
+    re-noising, CTM's gamma < 1, needs a Markov forward kernel that the linear interpolant
+    lacks: the noise implied by (x, x1) along the flow is not the interpolant's noise.)
+
+    ``steps`` gives a uniform grid on [0, 1]; ``grid`` any increasing grid. Each jump is one
+    network call plus the fused ``flowmap_step``. ``graph=True`` (CUDA) captures the whole loop
+    in one CUDA graph on first use for this (model, shape, dtype, grid, kind, base) and replays
+    it: same results as eager for ``flowmap``; for ``consistency`` the fresh noise comes from the
+    default CUDA generator (seed it with ``torch.cuda.manual_seed``), so ``generator`` must be
+    None. Returns ``[B, ...]``, or with ``return_trajectory`` (eager only) ``[len(grid), B, ...]``.
+    """
+    _check_noise(noise)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    g = _resolve_grid(steps, grid, noise)
+    if graph:
+        if return_trajectory:
+            raise ValueError("return_trajectory is not available with graph=True")
+        from pyflowmap.cuda_graphs import graph_sampler
+
+        return graph_sampler(model, noise, g, kind, base, generator)(noise)
+    traj = [noise] if return_trajectory else None
+    x = _loop(model, noise, g, kind, base, generator, traj)
     return torch.stack(traj) if traj is not None else x
 
 

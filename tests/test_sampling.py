@@ -74,3 +74,63 @@ def test_bad_sampler_input():
         pf.sample(fm, torch.zeros(3, 2, dtype=torch.long), steps=1)
     with pytest.raises(ValueError, match="euler"):
         pf.sample_ode(fm, noise(4), steps=2, method="rk4")
+
+
+def test_consistency_sampler_draws_the_right_distribution():
+    fm, g = exact(), torch.Generator().manual_seed(0)
+    z = BASE * torch.randn(100_000, 2, generator=g, dtype=torch.float64)
+    for grid in ([0.0, 0.5, 1.0], [0.0, 0.4, 0.8, 1.0]):
+        x = pf.sample(fm, z, grid=grid, kind="consistency", generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(x.mean(0), torch.tensor(MEAN, dtype=torch.float64), atol=0.03, rtol=0)
+        torch.testing.assert_close(x.var(0), torch.tensor(VAR, dtype=torch.float64), atol=0.05, rtol=0.03)
+    # one step is the plain jump to the data end
+    torch.testing.assert_close(pf.sample(fm, z[:100], steps=1, kind="consistency"), pf.sample(fm, z[:100], steps=1))
+
+
+def test_consistency_sampler_is_seeded():
+    fm, z = exact(), noise(64)
+    a = pf.sample(fm, z, steps=3, kind="consistency", generator=torch.Generator().manual_seed(5))
+    b = pf.sample(fm, z, steps=3, kind="consistency", generator=torch.Generator().manual_seed(5))
+    c = pf.sample(fm, z, steps=3, kind="consistency", generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_graph_sampling_needs_cuda_and_rejects_generators():
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        pf.sample(exact(), noise(4), steps=2, graph=True)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        pf.sample(exact(), noise(4), steps=2, kind="ddim")
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("kind", ["flowmap", "consistency-one-step"])
+def test_cuda_graph_sampling_equals_eager(kind):
+    steps = 1 if kind == "consistency-one-step" else 4  # deterministic cases
+    kind = kind.split("-")[0]
+    torch.manual_seed(0)
+    net = pf.nn.FlowMapMLP(hidden=64, depth=3).cuda()
+    torch.nn.init.normal_(net.head.weight, std=0.1)
+    fm = pf.FlowMap(net)
+    for batch in (1, 1024):
+        z = torch.randn(batch, 2, device="cuda")
+        eager = pf.sample(fm, z, steps=steps, kind=kind)
+        graphed = pf.sample(fm, z, steps=steps, kind=kind, graph=True)
+        torch.testing.assert_close(graphed, eager)
+        z2 = torch.randn(batch, 2, device="cuda")  # replay with new inputs
+        torch.testing.assert_close(pf.sample(fm, z2, steps=steps, kind=kind, graph=True),
+                                   pf.sample(fm, z2, steps=steps, kind=kind))
+
+
+@CUDA
+def test_cuda_graph_stochastic_consistency_sampling_is_reproducible():
+    fm = pf.FlowMap(GaussianFlowMap(MEAN, VAR, BASE)).cuda()
+    z = torch.randn(50_000, 2, device="cuda", dtype=torch.float64)
+    torch.cuda.manual_seed(3)
+    a = pf.sample(fm, z, steps=3, kind="consistency", graph=True)
+    torch.cuda.manual_seed(3)
+    b = pf.sample(fm, z, steps=3, kind="consistency", graph=True)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a.mean(0).cpu(), torch.tensor(MEAN, dtype=torch.float64), atol=0.05, rtol=0)

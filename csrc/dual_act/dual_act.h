@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+struct CUstream_st;  // cudaStream_t without cuda_runtime.h
+
 namespace pyflowmap::dual_act {
 
 enum class Kind : int { kGelu = 0, kSilu = 1 };
@@ -15,5 +17,14 @@ void forward_cpu(const T* z, const T* z_dot, T* y, T* y_dot, int64_t n, Kind kin
 template <typename T>
 void backward_cpu(const T* g_y, const T* g_ydot, const T* z, const T* z_dot, T* g_z, T* g_zdot,
                   int64_t n, Kind kind);
+
+// CUDA launchers: T is float, double, __half or __nv_bfloat16 (float math, double for double).
+// Return the cudaError_t of the launch; no sync, no allocation (CUDA-graph safe).
+template <typename T>
+int forward_cuda(const T* z, const T* z_dot, T* y, T* y_dot, int64_t n, Kind kind, CUstream_st* stream);
+
+template <typename T>
+int backward_cuda(const T* g_y, const T* g_ydot, const T* z, const T* z_dot, T* g_z, T* g_zdot, int64_t n,
+                  Kind kind, CUstream_st* stream);
 
 }  // namespace pyflowmap::dual_act
