@@ -48,14 +48,20 @@ def register_kernels() -> None:
             _KERNELS[(op, device_type)] = _query(op, device_type)
 
 
-def pick(name: str, like: torch.Tensor, dtypes=(torch.float32, torch.float64, torch.bfloat16)):
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def pick(name: str, like: torch.Tensor):
     """The fused ``pyflowmap.ops.<name>`` for ``like``, or ``pyflowmap.reference.<name>``."""
     from pyflowmap import ops, reference
 
     if not _REFERENCE["on"]:
         fused = getattr(ops, name, None)
-        # a wrapper may name the dispatcher op it runs and the dtypes its kernel covers
-        if (fused is not None and like.dtype in getattr(fused, "dtypes", dtypes)
+        # a wrapper may name the dispatcher op it runs and the CPU dtypes its kernel covers
+        # (every CUDA kernel covers float32/64, bfloat16 and float16)
+        dtypes = CUDA_DTYPES if like.device.type == "cuda" else getattr(fused, "dtypes", CPU_DTYPES)
+        if (fused is not None and like.dtype in dtypes
                 and _KERNELS.get((getattr(fused, "op_name", name), like.device.type), False)):
             return fused
     return getattr(reference, name)

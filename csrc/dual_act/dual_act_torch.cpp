@@ -1,6 +1,7 @@
 // Torch glue of pyflowmap::dual_act and dual_act_backward (schemas in csrc/pyflowmap.cpp;
 // fake and autograd kernels in pyflowmap/ops/dual_act.py).
 #include "common/checks.h"
+#include "common/cuda_glue.h"
 #include "common/format.h"
 #include "dual_act/dual_act.h"
 
@@ -22,9 +23,17 @@ Kind parse_kind(std::string_view kind) {
 void check_input(const at::Tensor& t, const char* op, const char* name) {
   check_stacked(t, op, name);
   const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op, ": `", name,
-              "` must be float32, float64 or bfloat16, got ", dt);
-  TORCH_CHECK(t.device().is_cpu(), op, " (CPU kernel): `", name, "` must be on the CPU");
+  const bool half_ok = t.is_cuda();  // the CUDA kernel also covers float16
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || (half_ok && dt == at::kHalf), op,
+              ": `", name, "` must be float32, float64 or bfloat16", half_ok ? " or float16" : "", ", got ", dt);
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* op) {
+  TORCH_CHECK(a.sizes() == b.sizes(), op, ": `grad` shape ", fmt(a.sizes()), " differs from `zz` shape ",
+              fmt(b.sizes()));
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": `grad` dtype ", a.scalar_type(),
+              " differs from `zz` dtype ", b.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), op, ": `grad` is on ", a.device(), " but `zz` is on ", b.device());
 }
 
 #define PYFLOWMAP_DISPATCH(DT, ...)                                                   \
@@ -37,6 +46,7 @@ void check_input(const at::Tensor& t, const char* op, const char* name) {
 
 at::Tensor dual_act_cpu(const at::Tensor& zz_in, std::string_view kind) {
   check_input(zz_in, "dual_act", "zz");
+  TORCH_CHECK(zz_in.device().is_cpu(), "dual_act (CPU kernel): `zz` must be on the CPU");
   const Kind k = parse_kind(kind);
   const at::Tensor zz = zz_in.contiguous();
   at::Tensor out = at::empty(zz.sizes(), zz.options());
@@ -53,10 +63,8 @@ at::Tensor dual_act_backward_cpu(const at::Tensor& grad_in, const at::Tensor& zz
                                  std::string_view kind) {
   check_input(zz_in, "dual_act_backward", "zz");
   check_input(grad_in, "dual_act_backward", "grad");
-  TORCH_CHECK(grad_in.sizes() == zz_in.sizes(), "dual_act_backward: `grad` shape ",
-              fmt(grad_in.sizes()), " differs from `zz` shape ", fmt(zz_in.sizes()));
-  TORCH_CHECK(grad_in.scalar_type() == zz_in.scalar_type(), "dual_act_backward: `grad` dtype ",
-              grad_in.scalar_type(), " differs from `zz` dtype ", zz_in.scalar_type());
+  check_same(grad_in, zz_in, "dual_act_backward");
+  TORCH_CHECK(zz_in.device().is_cpu(), "dual_act_backward (CPU kernel): `zz` must be on the CPU");
   const Kind k = parse_kind(kind);
   const at::Tensor zz = zz_in.contiguous();
   const at::Tensor g = grad_in.contiguous();
@@ -71,11 +79,56 @@ at::Tensor dual_act_backward_cpu(const at::Tensor& grad_in, const at::Tensor& zz
   return out;
 }
 
+#ifdef PYFLOWMAP_WITH_CUDA
+at::Tensor dual_act_cuda(const at::Tensor& zz_in, std::string_view kind) {
+  check_input(zz_in, "dual_act", "zz");
+  TORCH_CHECK(zz_in.is_cuda(), "dual_act (CUDA kernel): `zz` must be a CUDA tensor");
+  const Kind k = parse_kind(kind);
+  const c10::cuda::CUDAGuard guard(zz_in.device());
+  const at::Tensor zz = zz_in.contiguous();
+  at::Tensor out = at::empty(zz.sizes(), zz.options());
+  const int64_t n = zz.numel() / 2;
+  PYFLOWMAP_CUDA_DISPATCH(zz.scalar_type(), "dual_act", {
+    const T* z = cptr<T, TT>(zz);
+    T* y = mptr<T, TT>(out);
+    PYFLOWMAP_CHECK_LAUNCH(forward_cuda<T>(z, z + n, y, y + n, n, k, current_stream()), "dual_act");
+  })
+  return out;
+}
+
+at::Tensor dual_act_backward_cuda(const at::Tensor& grad_in, const at::Tensor& zz_in, std::string_view kind) {
+  check_input(zz_in, "dual_act_backward", "zz");
+  check_input(grad_in, "dual_act_backward", "grad");
+  check_same(grad_in, zz_in, "dual_act_backward");
+  TORCH_CHECK(zz_in.is_cuda(), "dual_act_backward (CUDA kernel): `zz` must be a CUDA tensor");
+  const Kind k = parse_kind(kind);
+  const c10::cuda::CUDAGuard guard(zz_in.device());
+  const at::Tensor zz = zz_in.contiguous(), g = grad_in.contiguous();
+  at::Tensor out = at::empty(zz.sizes(), zz.options());
+  const int64_t n = zz.numel() / 2;
+  PYFLOWMAP_CUDA_DISPATCH(zz.scalar_type(), "dual_act_backward", {
+    const T* z = cptr<T, TT>(zz);
+    const T* gp = cptr<T, TT>(g);
+    T* o = mptr<T, TT>(out);
+    PYFLOWMAP_CHECK_LAUNCH(backward_cuda<T>(gp, gp + n, z, z + n, o, o + n, n, k, current_stream()),
+                           "dual_act_backward");
+  })
+  return out;
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyflowmap, CPU, m) {
   m.impl("dual_act", &dual_act_cpu);
   m.impl("dual_act_backward", &dual_act_backward_cpu);
 }
+
+#ifdef PYFLOWMAP_WITH_CUDA
+TORCH_LIBRARY_IMPL(pyflowmap, CUDA, m) {
+  m.impl("dual_act", &dual_act_cuda);
+  m.impl("dual_act_backward", &dual_act_backward_cuda);
+}
+#endif
 
 }  // namespace pyflowmap::dual_act

@@ -16,6 +16,8 @@
 
 #include <cstdint>
 
+struct CUstream_st;  // cudaStream_t without cuda_runtime.h
+
 namespace pyflowmap::dual_norm {
 
 struct Shape {
@@ -37,5 +39,18 @@ void forward_cpu(const T* xx, const T* weight, const T* bias, T* yy, double* mea
 template <typename T>
 void backward_cpu(const T* gyy, const T* xx, const T* weight, const double* mean, const double* rstd, T* gxx,
                   T* gw, T* gb, const Shape& s);
+
+// CUDA launchers (T: float, double, __half, __nv_bfloat16; statistics in double). The
+// backward needs scratch: `row_ab` (2 R doubles: each row's a and b) and `partial`
+// (partial_chunks() x channels doubles, per-chunk affine sums, reduced in a fixed order).
+int64_t partial_chunks(const Shape& s);
+
+template <typename T>
+int forward_cuda(const T* xx, const T* weight, const T* bias, T* yy, double* mean, double* rstd, const Shape& s,
+                 CUstream_st* stream);
+
+template <typename T>
+int backward_cuda(const T* gyy, const T* xx, const T* weight, const double* mean, const double* rstd, T* gxx,
+                  T* gw, T* gb, double* row_ab, double* partial, const Shape& s, CUstream_st* stream);
 
 }  // namespace pyflowmap::dual_norm

@@ -2,6 +2,7 @@
 // the LayerNorm / RMSNorm / GroupNorm wrappers, fake and autograd kernels in
 // pyflowmap/ops/dual_norm.py).
 #include "common/checks.h"
+#include "common/cuda_glue.h"
 #include "common/format.h"
 #include "dual_norm/dual_norm.h"
 
@@ -19,9 +20,9 @@ namespace {
 Shape make_shape(const at::Tensor& xx, const std::optional<at::Tensor>& weight,
                  const std::optional<at::Tensor>& bias, int64_t len, int64_t groups, int64_t spatial,
                  bool center, double eps, const char* op) {
-  TORCH_CHECK(xx.device().is_cpu(), op, " (CPU kernel): `xx` must be on the CPU");
-  TORCH_CHECK(xx.scalar_type() == at::kFloat || xx.scalar_type() == at::kDouble, op,
-              ": `xx` must be float32 or float64, got ", xx.scalar_type());
+  const auto dt = xx.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || (xx.is_cuda() && (dt == at::kHalf || dt == at::kBFloat16)),
+              op, ": `xx` must be float32 or float64 (or float16 / bfloat16 on CUDA), got ", dt);
   TORCH_CHECK(len >= 1 && groups >= 1 && spatial >= 1 && len % spatial == 0, op,
               ": invalid row layout len=", fmt(len), " groups=", fmt(groups), " spatial=", fmt(spatial));
   check_stacked(xx, op, "xx");
@@ -53,6 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_norm_cpu(
     const std::optional<at::Tensor>& bias_in, int64_t len, int64_t groups, int64_t spatial,
     bool center, double eps) {
   const Shape s = make_shape(xx_in, weight_in, bias_in, len, groups, spatial, center, eps, "dual_norm");
+  TORCH_CHECK(xx_in.device().is_cpu(), "dual_norm (CPU kernel): `xx` must be on the CPU");
   const at::Tensor xx = xx_in.contiguous();
   const at::Tensor w = contiguous_or_undefined(weight_in), b = contiguous_or_undefined(bias_in);
   at::Tensor yy = at::empty(xx.sizes(), xx.options());
@@ -76,6 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_norm_backward_cpu(
     bool center, double eps, std::array<bool, 3> mask) {
   const Shape s = make_shape(xx_in, weight_in, std::nullopt, len, groups, spatial, center, eps,
                              "dual_norm_backward");
+  TORCH_CHECK(xx_in.device().is_cpu(), "dual_norm_backward (CPU kernel): `xx` must be on the CPU");
   TORCH_CHECK(gyy_in.sizes() == xx_in.sizes() && gyy_in.scalar_type() == xx_in.scalar_type(),
               "dual_norm_backward: `grad` must match `xx` in shape and dtype");
   TORCH_CHECK(mean.numel() == s.rows && rstd.numel() == s.rows && mean.scalar_type() == at::kDouble &&
@@ -102,11 +105,76 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_norm_backward_cpu(
   return {gxx, gw, gb};
 }
 
+#ifdef PYFLOWMAP_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_norm_cuda(
+    const at::Tensor& xx_in, const std::optional<at::Tensor>& weight_in,
+    const std::optional<at::Tensor>& bias_in, int64_t len, int64_t groups, int64_t spatial,
+    bool center, double eps) {
+  const Shape s = make_shape(xx_in, weight_in, bias_in, len, groups, spatial, center, eps, "dual_norm");
+  TORCH_CHECK(xx_in.is_cuda(), "dual_norm (CUDA kernel): `xx` must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(xx_in.device());
+  const at::Tensor xx = xx_in.contiguous();
+  const at::Tensor w = contiguous_or_undefined(weight_in), b = contiguous_or_undefined(bias_in);
+  at::Tensor yy = at::empty(xx.sizes(), xx.options());
+  at::Tensor mean = at::empty({s.rows}, xx.options().dtype(at::kDouble));
+  at::Tensor rstd = at::empty({s.rows}, xx.options().dtype(at::kDouble));
+  PYFLOWMAP_CUDA_DISPATCH(xx.scalar_type(), "dual_norm", {
+    PYFLOWMAP_CHECK_LAUNCH(forward_cuda<T>(cptr<T, TT>(xx), cptr<T, TT>(w), cptr<T, TT>(b), mptr<T, TT>(yy),
+                                           mean.mutable_data_ptr<double>(), rstd.mutable_data_ptr<double>(), s,
+                                           current_stream()),
+                           "dual_norm");
+  })
+  return {yy, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_norm_backward_cuda(
+    const at::Tensor& gyy_in, const at::Tensor& xx_in, const std::optional<at::Tensor>& weight_in,
+    const at::Tensor& mean, const at::Tensor& rstd, int64_t len, int64_t groups, int64_t spatial,
+    bool center, double eps, std::array<bool, 3> mask) {
+  const Shape s = make_shape(xx_in, weight_in, std::nullopt, len, groups, spatial, center, eps,
+                             "dual_norm_backward");
+  TORCH_CHECK(xx_in.is_cuda(), "dual_norm_backward (CUDA kernel): `xx` must be a CUDA tensor");
+  TORCH_CHECK(gyy_in.sizes() == xx_in.sizes() && gyy_in.scalar_type() == xx_in.scalar_type() &&
+                  gyy_in.device() == xx_in.device(),
+              "dual_norm_backward: `grad` must match `xx` in shape, dtype and device");
+  TORCH_CHECK(mean.numel() == s.rows && rstd.numel() == s.rows && mean.scalar_type() == at::kDouble &&
+                  rstd.scalar_type() == at::kDouble && mean.device() == xx_in.device(),
+              "dual_norm_backward: `mean` and `rstd` must be the forward's per-row statistics");
+  const c10::cuda::CUDAGuard guard(xx_in.device());
+  const at::Tensor xx = xx_in.contiguous(), gyy = gyy_in.contiguous();
+  const at::Tensor w = contiguous_or_undefined(weight_in);
+  const at::Tensor m = mean.contiguous(), r = rstd.contiguous();
+  at::Tensor gxx = at::empty(xx.sizes(), xx.options());
+  const bool need_w = mask[1] && w.defined(), need_b = mask[2];
+  at::Tensor gw = need_w ? at::empty({s.channels}, xx.options()) : at::Tensor();
+  at::Tensor gb = need_b ? at::empty({s.channels}, xx.options()) : at::Tensor();
+  const auto dopt = xx.options().dtype(at::kDouble);
+  at::Tensor row_ab = at::empty({2 * s.rows}, dopt);
+  at::Tensor partial = at::empty({2 * partial_chunks(s) * s.channels}, dopt);
+  PYFLOWMAP_CUDA_DISPATCH(xx.scalar_type(), "dual_norm_backward", {
+    PYFLOWMAP_CHECK_LAUNCH(backward_cuda<T>(cptr<T, TT>(gyy), cptr<T, TT>(xx), cptr<T, TT>(w),
+                                            m.const_data_ptr<double>(), r.const_data_ptr<double>(), mptr<T, TT>(gxx),
+                                            need_w ? mptr<T, TT>(gw) : nullptr, need_b ? mptr<T, TT>(gb) : nullptr,
+                                            row_ab.mutable_data_ptr<double>(), partial.mutable_data_ptr<double>(), s,
+                                            current_stream()),
+                           "dual_norm_backward");
+  })
+  return {gxx, gw, gb};
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyflowmap, CPU, m) {
   m.impl("dual_norm", &dual_norm_cpu);
   m.impl("dual_norm_backward", &dual_norm_backward_cpu);
 }
+
+#ifdef PYFLOWMAP_WITH_CUDA
+TORCH_LIBRARY_IMPL(pyflowmap, CUDA, m) {
+  m.impl("dual_norm", &dual_norm_cuda);
+  m.impl("dual_norm_backward", &dual_norm_backward_cuda);
+}
+#endif
 
 }  // namespace pyflowmap::dual_norm

@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+struct CUstream_st;  // cudaStream_t without cuda_runtime.h
+
 namespace pyflowmap::flowmap_loss {
 
 enum class Metric : int { kL2Sq = 0, kPseudoHuber = 1 };
@@ -34,5 +36,17 @@ double forward_cpu(const Residual<T>& res, const Acc* weight, Acc* m, int64_t ba
 // coef_i = g_i computed by the glue from m; writes dpred_ij = coef_i r_ij scale.
 template <typename T, typename Acc>
 void backward_cpu(const Residual<T>& res, const Acc* coef, T* dpred, int64_t batch, int64_t inner);
+
+// CUDA launchers (T: float, double, __half, __nv_bfloat16; Acc float, double for double).
+// Forward writes m[B] and loss[0] = mean_i w_i m_i (a fixed-order block reduction:
+// deterministic). Backward computes coef_i from g_loss (a device scalar) and g_m, then dpred.
+// No sync, no allocation: CUDA-graph safe.
+template <typename T, typename Acc>
+int forward_cuda(const Residual<T>& res, const Acc* weight, Acc* m, Acc* loss, int64_t batch, int64_t inner,
+                 Metric metric, double c, CUstream_st* stream);
+
+template <typename T, typename Acc>
+int backward_cuda(const Residual<T>& res, const Acc* weight, const Acc* m, const Acc* g_loss, const Acc* g_m,
+                  Acc* coef, T* dpred, int64_t batch, int64_t inner, Metric metric, double c, CUstream_st* stream);
 
 }  // namespace pyflowmap::flowmap_loss

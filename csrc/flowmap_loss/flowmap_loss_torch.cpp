@@ -1,5 +1,6 @@
 // Torch glue of pyflowmap::flowmap_loss and flowmap_loss_backward (schemas in
 // csrc/pyflowmap.cpp; fake and autograd kernels in pyflowmap/ops/losses.py).
+#include "common/cuda_glue.h"
 #include "common/format.h"
 #include "flowmap_loss/flowmap_loss.h"
 
@@ -12,6 +13,7 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 
 namespace pyflowmap::flowmap_loss {
 namespace {
@@ -46,9 +48,8 @@ Args prepare(const at::Tensor& pred, const at::Tensor& minus, const std::optiona
   TORCH_CHECK(pred.dim() >= 1, op, ": `pred` must have a batch dimension");
   TORCH_CHECK(pred.size(0) > 0, op, ": empty batch (`pred` has batch size 0)");
   const auto dt = pred.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op,
-              ": `pred` must be float32, float64 or bfloat16, got ", dt);
-  TORCH_CHECK(pred.device().is_cpu(), op, " (CPU kernel): `pred` must be on the CPU");
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || (pred.is_cuda() && dt == at::kHalf),
+              op, ": `pred` must be float32, float64 or bfloat16 (or float16 on CUDA), got ", dt);
   Args a{pred.contiguous(), at::Tensor(), at::Tensor(), at::Tensor(), pred.size(0), 0};
   a.inner = pred.numel() / a.batch;
   if (minus.defined()) {
@@ -77,7 +78,57 @@ Residual<T> residual(const Args& a, double scale) {
           a.target.defined() ? a.target.const_data_ptr<T>() : nullptr, scale};
 }
 
+#ifdef PYFLOWMAP_WITH_CUDA
+template <typename T, typename TT>
+Residual<T> residual_cuda(const Args& a, double scale) {
+  return {cptr<T, TT>(a.pred), cptr<T, TT>(a.minus), cptr<T, TT>(a.target), scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> loss_forward_cuda(const Args& a, double scale, Metric mt, double c) {
+  const c10::cuda::CUDAGuard guard(a.pred.device());
+  const auto acc = acc_type(a.pred.scalar_type());
+  at::Tensor m = at::empty({a.batch}, a.pred.options().dtype(acc));
+  at::Tensor loss = at::empty({}, m.options());
+  PYFLOWMAP_CUDA_DISPATCH(a.pred.scalar_type(), "flowmap_loss", {
+    using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    PYFLOWMAP_CHECK_LAUNCH((forward_cuda<T, Acc>(residual_cuda<T, TT>(a, scale),
+                                                  a.weight.defined() ? a.weight.const_data_ptr<Acc>() : nullptr,
+                                                  m.mutable_data_ptr<Acc>(), loss.mutable_data_ptr<Acc>(), a.batch,
+                                                  a.inner, mt, c, current_stream())),
+                           "flowmap_loss");
+  })
+  return {loss, m};
+}
+
+at::Tensor loss_backward_cuda(const Args& a, const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_m,
+                              const at::Tensor& m, double scale, Metric mt, double c, const char* op) {
+  const c10::cuda::CUDAGuard guard(a.pred.device());
+  const auto acc = acc_type(a.pred.scalar_type());
+  const at::Tensor gl = grad_loss.to(a.pred.device(), acc).contiguous();
+  const bool has_gm = grad_m.has_value() && grad_m->defined();
+  const at::Tensor gm = has_gm ? grad_m->to(a.pred.device(), acc).contiguous() : at::Tensor();
+  const at::Tensor mc = m.contiguous();
+  at::Tensor coef = at::empty({a.batch}, mc.options());
+  at::Tensor dpred = at::empty(a.pred.sizes(), a.pred.options());
+  PYFLOWMAP_CUDA_DISPATCH(a.pred.scalar_type(), op, {
+    using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    PYFLOWMAP_CHECK_LAUNCH((backward_cuda<T, Acc>(residual_cuda<T, TT>(a, scale),
+                                                   a.weight.defined() ? a.weight.const_data_ptr<Acc>() : nullptr,
+                                                   mc.const_data_ptr<Acc>(), gl.const_data_ptr<Acc>(),
+                                                   has_gm ? gm.const_data_ptr<Acc>() : nullptr,
+                                                   coef.mutable_data_ptr<Acc>(), mptr<T, TT>(dpred), a.batch, a.inner,
+                                                   mt, c, current_stream())),
+                           op);
+  })
+  return dpred;
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> loss_forward(const Args& a, double scale, Metric mt, double c) {
+#ifdef PYFLOWMAP_WITH_CUDA
+  if (a.pred.is_cuda()) return loss_forward_cuda(a, scale, mt, c);
+#endif
+  TORCH_CHECK(a.pred.device().is_cpu(), "flowmap_loss: `pred` must be on the CPU or a CUDA device");
   const auto acc = acc_type(a.pred.scalar_type());
   at::Tensor m = at::empty({a.batch}, a.pred.options().dtype(acc));
   double total = 0.0;
@@ -109,6 +160,9 @@ at::Tensor loss_backward(const Args& a, const at::Tensor& grad_loss, const std::
   if (has_gm) {
     TORCH_CHECK(grad_m->dim() == 1 && grad_m->size(0) == a.batch, op, ": `grad_per_sample` must have shape [batch]");
   }
+#ifdef PYFLOWMAP_WITH_CUDA
+  if (a.pred.is_cuda()) return loss_backward_cuda(a, grad_loss, grad_m, m, scale, mt, c, op);
+#endif
   const at::Tensor mc = m.contiguous();
   const at::Tensor gl = grad_loss.to(at::kDouble).cpu();
   const at::Tensor gm = has_gm ? grad_m->to(acc).contiguous() : at::Tensor();
@@ -148,14 +202,14 @@ double check_scale(double inv_2h) {
   return inv_2h;
 }
 
-std::tuple<at::Tensor, at::Tensor> flowmap_loss_cpu(const at::Tensor& pred, const std::optional<at::Tensor>& target,
+std::tuple<at::Tensor, at::Tensor> flowmap_loss_entry(const at::Tensor& pred, const std::optional<at::Tensor>& target,
                                                     const std::optional<at::Tensor>& weight,
                                                     std::string_view metric, double c) {
   const Metric mt = parse_metric(metric, c);
   return loss_forward(prepare(pred, at::Tensor(), target, weight, "flowmap_loss"), 1.0, mt, c);
 }
 
-at::Tensor flowmap_loss_backward_cpu(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_m,
+at::Tensor flowmap_loss_backward_entry(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_m,
                                      const at::Tensor& pred, const std::optional<at::Tensor>& target,
                                      const std::optional<at::Tensor>& weight, const at::Tensor& m,
                                      std::string_view metric, double c) {
@@ -164,7 +218,7 @@ at::Tensor flowmap_loss_backward_cpu(const at::Tensor& grad_loss, const std::opt
   return loss_backward(a, grad_loss, grad_m, m, 1.0, mt, c, "flowmap_loss_backward");
 }
 
-std::tuple<at::Tensor, at::Tensor> flowmap_fd_loss_cpu(const at::Tensor& plus, const at::Tensor& minus,
+std::tuple<at::Tensor, at::Tensor> flowmap_fd_loss_entry(const at::Tensor& plus, const at::Tensor& minus,
                                                        const std::optional<at::Tensor>& target,
                                                        const std::optional<at::Tensor>& weight, double inv_2h,
                                                        std::string_view metric, double c) {
@@ -172,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> flowmap_fd_loss_cpu(const at::Tensor& plus, c
   return loss_forward(prepare(plus, minus, target, weight, "flowmap_fd_loss"), check_scale(inv_2h), mt, c);
 }
 
-at::Tensor flowmap_fd_loss_backward_cpu(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_m,
+at::Tensor flowmap_fd_loss_backward_entry(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_m,
                                         const at::Tensor& plus, const at::Tensor& minus,
                                         const std::optional<at::Tensor>& target,
                                         const std::optional<at::Tensor>& weight, const at::Tensor& m,
@@ -185,10 +239,20 @@ at::Tensor flowmap_fd_loss_backward_cpu(const at::Tensor& grad_loss, const std::
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyflowmap, CPU, m) {
-  m.impl("flowmap_loss", &flowmap_loss_cpu);
-  m.impl("flowmap_loss_backward", &flowmap_loss_backward_cpu);
-  m.impl("flowmap_fd_loss", &flowmap_fd_loss_cpu);
-  m.impl("flowmap_fd_loss_backward", &flowmap_fd_loss_backward_cpu);
+  m.impl("flowmap_loss", &flowmap_loss_entry);
+  m.impl("flowmap_loss_backward", &flowmap_loss_backward_entry);
+  m.impl("flowmap_fd_loss", &flowmap_fd_loss_entry);
+  m.impl("flowmap_fd_loss_backward", &flowmap_fd_loss_backward_entry);
 }
+
+#ifdef PYFLOWMAP_WITH_CUDA
+// The same entry points: loss_forward / loss_backward branch on the device.
+TORCH_LIBRARY_IMPL(pyflowmap, CUDA, m) {
+  m.impl("flowmap_loss", &flowmap_loss_entry);
+  m.impl("flowmap_loss_backward", &flowmap_loss_backward_entry);
+  m.impl("flowmap_fd_loss", &flowmap_fd_loss_entry);
+  m.impl("flowmap_fd_loss_backward", &flowmap_fd_loss_backward_entry);
+}
+#endif
 
 }  // namespace pyflowmap::flowmap_loss

@@ -8,12 +8,7 @@
 #include <c10/core/ScalarType.h>
 #include <torch/library.h>
 
-#ifdef PYFLOWMAP_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#endif
+#include "common/cuda_glue.h"
 
 namespace pyflowmap::sampler {
 namespace {
@@ -91,7 +86,7 @@ at::Tensor flowmap_step_cuda_impl(const at::Tensor& x, const at::Tensor& v, cons
   StepArgs a = prepare(x, v, s, t);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), a.x.options());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = current_stream();
   int err = 0;
   switch (x.scalar_type()) {
 #define PYFLOWMAP_CASE(ST, T, TT, TimeT)                                                        \

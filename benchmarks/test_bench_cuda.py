@@ -1,0 +1,123 @@
+"""GPU: fused losses, the dual path and graph-captured sampling, side by side in one run
+(skipped without a CUDA build and device).
+
+    python -m pytest benchmarks/test_bench_cuda.py --benchmark-json runs/bench_cuda.json
+    python benchmarks/report.py runs/bench_cuda.json
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyflowmap as pf
+from pyflowmap import ops
+from pyflowmap.data import sample_data
+
+from conftest import DEVICES, bench
+from models import PlainMLP, paper_mlp
+
+pytestmark = pytest.mark.skipif("cuda" not in DEVICES, reason="needs the CUDA kernels and a device")
+DEV = "cuda"
+
+
+def _eager_loss(p, t):
+    return (p - t).pow(2).reshape(p.shape[0], -1).sum(1).mean()
+
+
+_compiled = {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["fused", "eager", "compile", "copy-floor"])
+def test_loss_fwd_bwd(benchmark, variant, dtype):
+    """(a) the flow-map loss forward + backward at 65536 x 784 (200 MB per fp32 stream)."""
+    pred = torch.randn(65536, 784, device=DEV, dtype=dtype).requires_grad_()
+    target = torch.randn(65536, 784, device=DEV, dtype=dtype)
+    n_bytes = 5 * pred.numel() * pred.element_size()  # fwd reads 2 streams; bwd reads 2, writes 1
+    benchmark.group = f"flow-map loss fwd+bwd 65536x784 {str(dtype).split('.')[-1]} (cuda)"
+    if variant == "copy-floor":
+        src = torch.empty(int(2.5 * pred.numel()), device=DEV, dtype=dtype)
+        dst = torch.empty_like(src)
+        return bench(benchmark, lambda: dst.copy_(src), DEV, bytes=n_bytes)
+    if variant == "compile":
+        fn = _compiled.setdefault(dtype, torch.compile(_eager_loss))
+    else:
+        fn = {"fused": lambda p, t: ops.flowmap_loss(p, t)[0], "eager": _eager_loss}[variant]
+    bench(benchmark, lambda: torch.autograd.grad(fn(pred, target), pred), DEV, bytes=n_bytes)
+
+
+def _mlp(batch):
+    net = paper_mlp().to(DEV)
+    x = sample_data("checker", batch, generator=torch.Generator().manual_seed(0)).to(DEV)
+    s, t = torch.rand(batch, device=DEV) * 0.5, 0.5 + torch.rand(batch, device=DEV) * 0.5
+    return net, x, s, t
+
+
+def _unet(batch):
+    torch.manual_seed(0)
+    net = pf.nn.UNetFlowMap(ch=64, emb_dim=64).to(DEV)
+    torch.nn.init.normal_(net.out.weight, std=0.01)
+    x = torch.randn(batch, 1, 28, 28, device=DEV)
+    s, t = torch.rand(batch, device=DEV) * 0.5, 0.5 + torch.rand(batch, device=DEV) * 0.5
+    return net, x, s, t
+
+
+@pytest.mark.parametrize("model", ["mlp-100k", "unet-256"])
+@pytest.mark.parametrize("variant", ["fused", "jvp", "two-primal"])
+def test_forward_tangent(benchmark, model, variant):
+    """(b) forward + tangent in t, no grad: dual vs two primal forwards vs torch.func.jvp."""
+    net, x, s, t = _mlp(100_000) if model == "mlp-100k" else _unet(256)
+    fwd = PlainMLP(net) if (variant == "jvp" and model == "mlp-100k") else net
+    one = torch.ones_like(t)
+    fns = {
+        "fused": lambda: net(x, s, t, tangents=(None, None, one)),
+        "jvp": lambda: torch.func.jvp(fwd, (x, s, t), (torch.zeros_like(x), torch.zeros_like(s), one)),
+        "two-primal": lambda: (net(x, s, t), net(x, s, t)),
+    }
+    benchmark.group = f"forward + tangent, {model} (cuda)"
+    with torch.no_grad():
+        bench(benchmark, fns[variant], DEV, inner=10)
+
+
+@pytest.mark.parametrize("model", ["mlp-100k", "unet-128"])
+@pytest.mark.parametrize("variant", ["fused", "jvp"])
+def test_lsd_step(benchmark, model, variant):
+    """(c) one LSD training step, all samples off-diagonal: dual fused vs torch.func.jvp."""
+    if model == "mlp-100k":
+        net, _, _, _ = _mlp(8)
+        x1 = sample_data("checker", 100_000, generator=torch.Generator().manual_seed(0)).to(DEV)
+        fm = pf.FlowMap(PlainMLP(net) if variant == "jvp" else net)
+    else:
+        net, x1, _, _ = _unet(128)
+        fm = pf.FlowMap(net)  # primal mode: torch.func.jvp runs its forward-AD rules
+    objective = pf.make_objective("lsd", derivative="jvp" if variant == "jvp" else "dual",
+                                  times=pf.TimeSampler(diag_fraction=0.0))
+    opt = torch.optim.RAdam(fm.parameters(), lr=1e-4)
+    gen = torch.Generator(device=DEV)
+
+    def step():
+        gen.manual_seed(1)
+        out = objective(fm, x1, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+
+    benchmark.group = f"LSD step, {model}, all off-diagonal (cuda)"
+    bench(benchmark, step, DEV, inner=3)
+
+
+@pytest.mark.parametrize("batch", [1, 1024])
+@pytest.mark.parametrize("variant", ["graph", "eager", "one-forward"])
+def test_sampling_8_steps(benchmark, batch, variant):
+    """(d) 8-step flow-map sampling: the whole loop in one CUDA graph vs eager; per-step
+    overhead = (loop time - 8 network forwards) / 8, from 'one-forward'."""
+    net, x, s, t = _mlp(batch)
+    fm = pf.FlowMap(net)
+    with torch.no_grad():
+        fns = {
+            "graph": lambda: pf.sample(fm, x, steps=8, graph=True),
+            "eager": lambda: pf.sample(fm, x, steps=8),
+            "one-forward": lambda: net(x, s, t),
+        }
+        benchmark.group = f"8-step sampling, batch {batch} (cuda)"
+        bench(benchmark, fns[variant], DEV, inner=50)
