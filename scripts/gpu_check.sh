@@ -2,6 +2,8 @@
 # One device call: build with CUDA, run the suite (CPU + CUDA cases), compute-sanitizer over the
 # CUDA op tests, and the GPU benchmarks. Logs go to $OUT (the device tool) or ./runs/gpu.
 #   bash scripts/gpu_check.sh            (on a machine with nvcc and a CUDA torch)
+# Knobs for a short device budget: SANITIZERS="memcheck" (default both), SKIP_BENCH=1.
+# Expected: build ~1 min, tests ~2 min, sanitizers ~2-3 min, benchmarks ~3-4 min on an H100/H200.
 set -uo pipefail
 OUT="${OUT:-runs/gpu}"
 mkdir -p "$OUT"
@@ -54,7 +56,7 @@ step "tests (cpu + cuda)"
 
 step "compute-sanitizer memcheck + racecheck over the CUDA op tests"
 for tool in ${SANITIZERS:-memcheck racecheck}; do
-  PYFLOWMAP_TEST_DEVICES=cuda HYPOTHESIS_PROFILE=ci compute-sanitizer --tool $tool --error-exitcode 9 \
+  PYFLOWMAP_TEST_DEVICES=cuda HYPOTHESIS_PROFILE=sanitizer compute-sanitizer --tool $tool --error-exitcode 9 \
     --target-processes all "$PY" -m pytest tests/test_ops_sampler.py -q -p no:cacheprovider \
     -k "not compile and not opcheck" > "$OUT/sanitizer_$tool.log" 2>&1
   echo "$tool exit $?: $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"

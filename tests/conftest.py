@@ -11,6 +11,9 @@ settings.register_profile("ci", max_examples=30, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("thorough", max_examples=400, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
+# under compute-sanitizer every kernel runs 10-100x slower: a few examples per property
+settings.register_profile("sanitizer", max_examples=4, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 _AVAILABLE = ["cpu"] + (["cuda"] if pyflowmap.has_cuda_kernels() else [])
