@@ -4,10 +4,12 @@ kernel launches and Python, and a graph replays the whole loop with one launch."
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 
 import torch
 
-_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+MAX_GRAPHS_PER_MODEL = 8  # each graph holds a private memory pool: keep the cache bounded (LRU)
 
 
 class CUDAGraphSampler:
@@ -16,28 +18,40 @@ class CUDAGraphSampler:
     the static output (later replays overwrite it)."""
 
     def __init__(self, model, noise: torch.Tensor, grid: torch.Tensor, kind: str, base):
+        from pyflowmap.interpolants import GaussianBase
         from pyflowmap.sampling import _loop
 
-        self.static_in = noise.detach().clone()
-        self.grid = grid.clone()  # the time grid lives on the device for the whole capture
-        run = lambda: _loop(model, self.static_in, self.grid, kind, base, None, None)  # noqa: E731
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the capture (allocator, lazy init, autotuning)
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_out = run()
+        self.device = noise.device
+        with torch.cuda.device(self.device):
+            self.static_in = noise.detach().clone()
+            self.grid = grid.clone()  # the time grid lives on the device for the whole capture
+            if base is not None:  # device-resident constants: no host-to-device copy inside the capture
+                base = GaussianBase(std=torch.as_tensor(base.std, dtype=noise.dtype).to(self.device),
+                                    mean=torch.as_tensor(base.mean, dtype=noise.dtype).to(self.device))
+            self.base = base
+            run = lambda: _loop(model, self.static_in, self.grid, kind, self.base, None, None)  # noqa: E731
+            # the warm-up draws noise eagerly; restore the generator so that seeding before the
+            # first call gives the same stream as seeding before any later one
+            rng = torch.cuda.get_rng_state(self.device)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the capture (allocator, lazy init, autotuning)
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.set_rng_state(rng, self.device)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_out = run()
 
     def __call__(self, noise: torch.Tensor) -> torch.Tensor:
-        if noise.shape != self.static_in.shape or noise.dtype != self.static_in.dtype:
-            raise ValueError(f"this graph was captured for {tuple(self.static_in.shape)} {self.static_in.dtype}, "
-                             f"got {tuple(noise.shape)} {noise.dtype}")
-        self.static_in.copy_(noise)
-        self.graph.replay()
-        return self.static_out.clone()
+        if noise.shape != self.static_in.shape or noise.dtype != self.static_in.dtype or noise.device != self.device:
+            raise ValueError(f"this graph was captured for {tuple(self.static_in.shape)} {self.static_in.dtype} on "
+                             f"{self.device}, got {tuple(noise.shape)} {noise.dtype} on {noise.device}")
+        with torch.cuda.device(self.device):
+            self.static_in.copy_(noise)
+            self.graph.replay()
+            return self.static_out.clone()
 
 
 def graph_sampler(model, noise: torch.Tensor, grid: torch.Tensor, kind: str, base, generator) -> CUDAGraphSampler:
@@ -47,8 +61,18 @@ def graph_sampler(model, noise: torch.Tensor, grid: torch.Tensor, kind: str, bas
     if generator is not None:
         raise ValueError("graph=True draws its noise from the default CUDA generator; pass generator=None "
                          "and seed with torch.cuda.manual_seed")
-    key = (tuple(noise.shape), noise.dtype, noise.device.index, tuple(grid.tolist()), kind, id(base))
-    per_model = _CACHE.setdefault(model, {})
-    if key not in per_model:
+    # Everything the captured kernels depend on: shapes, the grid, the noise source, and the
+    # model's mode, precision and parameter storage (a .to() or load_state_dict(assign=True)
+    # reallocates it and would leave a stale graph reading freed memory).
+    params = tuple((p.data_ptr(), p.dtype) for p in model.parameters())
+    key = (tuple(noise.shape), noise.dtype, noise.device.index, tuple(grid.tolist()), kind,
+           None if base is None else (repr(base.std), repr(base.mean)), model.training,
+           torch.is_autocast_enabled(), params)
+    per_model = _CACHE.setdefault(model, OrderedDict())
+    if key in per_model:
+        per_model.move_to_end(key)
+    else:
         per_model[key] = CUDAGraphSampler(model, noise, grid, kind, base)
+        while len(per_model) > MAX_GRAPHS_PER_MODEL:
+            per_model.popitem(last=False)
     return per_model[key]

@@ -26,10 +26,13 @@ def test_dual_act(half, inner, dtype, kind, seed):
     g = torch.Generator().manual_seed(seed)
     zz = (3 * torch.randn(2 * half, inner, generator=g)).to(dtype)
     grad = torch.randn(2 * half, inner, generator=g).to(dtype)
+    # the same-precision twin: in dtype for float32/64, through float32 for the 16-bit types
+    low = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     out = ops.dual_act(zz.cuda(), kind).cpu()
-    assert_within_reference_error(out, reference.dual_act(zz.float(), kind).to(dtype), reference.dual_act(zz.double(), kind))
+    assert_within_reference_error(out, reference.dual_act(zz.to(low), kind).to(dtype),
+                                  reference.dual_act(zz.double(), kind))
     gout = torch.ops.pyflowmap.dual_act_backward(grad.cuda(), zz.cuda(), kind).cpu()
-    assert_within_reference_error(gout, reference.dual_act_backward(grad.float(), zz.float(), kind).to(dtype),
+    assert_within_reference_error(gout, reference.dual_act_backward(grad.to(low), zz.to(low), kind).to(dtype),
                                   reference.dual_act_backward(grad.double(), zz.double(), kind))
 
 
@@ -71,6 +74,9 @@ def test_dual_norms(kind, half, d, dtype, affine, seed):
     g = torch.Generator().manual_seed(seed)
     fused, ref, xx, params = _case(kind, half, d, affine, g)
     gout = torch.randn(xx.shape, generator=g)
+    # round every input to dtype first, so the references see exactly what the kernel sees
+    xx, gout = xx.to(dtype), gout.to(dtype)
+    params = [p if p is None else p.to(dtype) for p in params]
 
     def run(fn, device, dt):
         x = xx.to(device=device, dtype=dt).requires_grad_()
@@ -97,7 +103,7 @@ def test_gradcheck_and_opcheck_on_cuda():
     assert torch.autograd.gradcheck(lambda p, t, w: ops.flowmap_loss(p, t, w, "pseudo_huber", 0.3), (p, t, w))
     opcheck(torch.ops.pyflowmap.dual_act.default, (zz, "silu"))
     opcheck(torch.ops.pyflowmap.flowmap_loss.default, (p, t, w, "l2sq", 0.0))
-    opcheck(torch.ops.pyflowmap.flowmap_fd_loss.default, (p, t, w, 2.0, "l2sq", 0.0))
+    opcheck(torch.ops.pyflowmap.flowmap_fd_loss.default, (p, t, None, w, 2.0, "l2sq", 0.0))
     opcheck(torch.ops.pyflowmap.dual_norm.default, (zz, None, None, 5, 1, 1, True, 1e-5))
     opcheck(torch.ops.pyflowmap.dual_linear.default, (zz.reshape(4, 5), torch.randn(3, 5, dtype=torch.float64, device="cuda"), None))
 

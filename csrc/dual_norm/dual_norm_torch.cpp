@@ -112,6 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_norm_cuda(
     bool center, double eps) {
   const Shape s = make_shape(xx_in, weight_in, bias_in, len, groups, spatial, center, eps, "dual_norm");
   TORCH_CHECK(xx_in.is_cuda(), "dual_norm (CUDA kernel): `xx` must be a CUDA tensor");
+  TORCH_CHECK(s.rows <= INT32_MAX, "dual_norm: more than 2^31 rows are not supported on CUDA");
   const c10::cuda::CUDAGuard guard(xx_in.device());
   const at::Tensor xx = xx_in.contiguous();
   const at::Tensor w = contiguous_or_undefined(weight_in), b = contiguous_or_undefined(bias_in);
@@ -138,7 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_norm_backward_cuda(
                   gyy_in.device() == xx_in.device(),
               "dual_norm_backward: `grad` must match `xx` in shape, dtype and device");
   TORCH_CHECK(mean.numel() == s.rows && rstd.numel() == s.rows && mean.scalar_type() == at::kDouble &&
-                  rstd.scalar_type() == at::kDouble && mean.device() == xx_in.device(),
+                  rstd.scalar_type() == at::kDouble && mean.device() == xx_in.device() &&
+                  rstd.device() == xx_in.device(),
               "dual_norm_backward: `mean` and `rstd` must be the forward's per-row statistics");
   const c10::cuda::CUDAGuard guard(xx_in.device());
   const at::Tensor xx = xx_in.contiguous(), gyy = gyy_in.contiguous();
@@ -146,8 +148,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_norm_backward_cuda(
   const at::Tensor m = mean.contiguous(), r = rstd.contiguous();
   at::Tensor gxx = at::empty(xx.sizes(), xx.options());
   const bool need_w = mask[1] && w.defined(), need_b = mask[2];
-  at::Tensor gw = need_w ? at::empty({s.channels}, xx.options()) : at::Tensor();
-  at::Tensor gb = need_b ? at::empty({s.channels}, xx.options()) : at::Tensor();
+  // zeros, not empty: with no rows the kernels write nothing and the gradients are 0
+  at::Tensor gw = need_w ? at::zeros({s.channels}, xx.options()) : at::Tensor();
+  at::Tensor gb = need_b ? at::zeros({s.channels}, xx.options()) : at::Tensor();
+  TORCH_CHECK(s.rows <= INT32_MAX, "dual_norm_backward: more than 2^31 rows are not supported on CUDA");
   const auto dopt = xx.options().dtype(at::kDouble);
   at::Tensor row_ab = at::empty({2 * s.rows}, dopt);
   at::Tensor partial = at::empty({2 * partial_chunks(s) * s.channels}, dopt);

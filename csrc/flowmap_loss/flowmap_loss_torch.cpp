@@ -85,6 +85,7 @@ Residual<T> residual_cuda(const Args& a, double scale) {
 }
 
 std::tuple<at::Tensor, at::Tensor> loss_forward_cuda(const Args& a, double scale, Metric mt, double c) {
+  TORCH_CHECK(a.inner <= 16 || a.batch <= INT32_MAX, "flowmap_loss: more than 2^31 rows are not supported on CUDA");
   const c10::cuda::CUDAGuard guard(a.pred.device());
   const auto acc = acc_type(a.pred.scalar_type());
   at::Tensor m = at::empty({a.batch}, a.pred.options().dtype(acc));
@@ -154,7 +155,7 @@ at::Tensor loss_backward(const Args& a, const at::Tensor& grad_loss, const std::
                          const at::Tensor& m, double scale, Metric mt, double c, const char* op) {
   const auto acc = acc_type(a.pred.scalar_type());
   TORCH_CHECK(grad_loss.numel() == 1, op, ": `grad_loss` must be a scalar");
-  TORCH_CHECK(m.dim() == 1 && m.size(0) == a.batch && m.scalar_type() == acc, op,
+  TORCH_CHECK(m.dim() == 1 && m.size(0) == a.batch && m.scalar_type() == acc && m.device() == a.pred.device(), op,
               ": `per_sample` must be the forward's [batch] output");
   const bool has_gm = grad_m.has_value() && grad_m->defined();
   if (has_gm) {
