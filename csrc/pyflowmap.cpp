@@ -44,6 +44,18 @@ TORCH_LIBRARY(pyflowmap, m) {
         "float c) -> (Tensor, Tensor)");
   m.def("flowmap_fd_loss_backward(Tensor grad_loss, Tensor? grad_per_sample, Tensor plus, Tensor minus, "
         "Tensor? target, Tensor? weight, Tensor per_sample, float inv_2h, str metric, float c) -> Tensor");
+
+  // JVP attention on [batch, heads, N, D] (csrc/dual_attention/dual_attention.h has the math):
+  // returns (O, O_dot, lse, mu); any tangent may be absent (zero). Causal masks are
+  // bottom-right aligned. The backward takes dL/dO and, optionally, dL/dO_dot (absent: the
+  // primal-only path) and returns (dq, dk, dv, dq_dot, dk_dot, dv_dot), 0-element tensors for
+  // absent tangents.
+  m.set_python_module("pyflowmap.ops.dual_attention");
+  m.def("dual_attention(Tensor q, Tensor k, Tensor v, Tensor? q_dot, Tensor? k_dot, Tensor? v_dot, bool causal, "
+        "float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("dual_attention_backward(Tensor grad_o, Tensor? grad_o_dot, Tensor q, Tensor k, Tensor v, Tensor? q_dot, "
+        "Tensor? k_dot, Tensor? v_dot, Tensor o, Tensor o_dot, Tensor lse, Tensor mu, bool causal, float scale) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace py = pybind11;

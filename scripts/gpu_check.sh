@@ -2,7 +2,11 @@
 # One device call: build with CUDA, run the suite (CPU + CUDA cases), compute-sanitizer over the
 # CUDA op tests, and the GPU benchmarks. Logs go to $OUT (the device tool) or ./runs/gpu.
 #   bash scripts/gpu_check.sh            (on a machine with nvcc and a CUDA torch)
-# Knobs for a short device budget: SANITIZERS="memcheck" (default both), SKIP_BENCH=1.
+# Knobs for a short device budget: SANITIZERS="memcheck" (default both), SKIP_BENCH=1,
+# SANITIZE_TESTS="tests/test_ops_dual_attention.py" (default: sampler + attention op tests),
+# BENCH="benchmarks/test_bench_attention.py" (default: every CUDA benchmark file).
+# Comparator wheels (jvp-flash-attention): run `bash scripts/fetch_bench_wheels.sh` on a machine
+# with network first and carry .whl; they are installed into /tmp/site here when present.
 # Expected: build ~1 min, tests ~2 min, sanitizers ~2-3 min, benchmarks ~3-4 min on an H100/H200.
 set -uo pipefail
 OUT="${OUT:-runs/gpu}"
@@ -51,20 +55,26 @@ if [ $smoke_fail -ne 0 ] && command -v cuda-gdb >/dev/null; then
   cuda-gdb -batch -ex run -ex bt --args "$PY" /tmp/crash.py > "$OUT/gdb.log" 2>&1; grep -A25 "SIGSEGV" "$OUT/gdb.log" | head -40
 fi
 
+if ls .whl/*.whl >/dev/null 2>&1; then
+  step "comparator wheels"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" && ls /tmp/site
+fi
+
 step "tests (cpu + cuda)"
 "$PY" -m pytest tests -q -p no:cacheprovider -x --timeout=600 2>&1 | tee "$OUT/tests.log" | tail -25
 
 step "compute-sanitizer memcheck + racecheck over the CUDA op tests"
 for tool in ${SANITIZERS:-memcheck racecheck}; do
   PYFLOWMAP_TEST_DEVICES=cuda HYPOTHESIS_PROFILE=sanitizer compute-sanitizer --tool $tool --error-exitcode 9 \
-    --target-processes all "$PY" -m pytest tests/test_ops_sampler.py -q -p no:cacheprovider \
+    --target-processes all "$PY" -m pytest ${SANITIZE_TESTS:-tests/test_ops_sampler.py tests/test_ops_dual_attention.py} -q -p no:cacheprovider \
     -k "not compile and not opcheck" > "$OUT/sanitizer_$tool.log" 2>&1
   echo "$tool exit $?: $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
 done
 
 [ -n "${SKIP_BENCH:-}" ] && exit 0
 step "benchmarks (cuda)"
-PYFLOWMAP_BENCH_DEVICES=cuda "$PY" -m pytest benchmarks/test_bench_flowmap_step.py benchmarks/test_bench_cuda.py \
+PYFLOWMAP_BENCH_DEVICES=cuda "$PY" -m pytest ${BENCH:-benchmarks/test_bench_flowmap_step.py benchmarks/test_bench_cuda.py benchmarks/test_bench_attention.py} \
   -q -p no:cacheprovider --benchmark-json "$OUT/bench_cuda.json" --benchmark-columns=median,iqr > "$OUT/bench.log" 2>&1
 echo "bench exit $?"; tail -3 "$OUT/bench.log"
 "$PY" benchmarks/report.py "$OUT/bench_cuda.json" | tee "$OUT/bench_cuda.md"

@@ -5,13 +5,14 @@ Every op here has a pure-PyTorch twin of the same name in :mod:`pyflowmap.refere
 
 from pyflowmap import _build  # noqa: F401  (loads torch.ops.pyflowmap)
 from pyflowmap.ops.dual_act import dual_act
+from pyflowmap.ops.dual_attention import dual_attention, jvp_attention
 from pyflowmap.ops.dual_linear import dual_linear
 from pyflowmap.ops.dual_norm import dual_group_norm, dual_layer_norm, dual_rms_norm
 from pyflowmap.ops.losses import flowmap_fd_loss, flowmap_loss
 from pyflowmap.ops.sampler import flowmap_step
 
-__all__ = ["dual_act", "dual_group_norm", "dual_layer_norm", "dual_linear", "dual_rms_norm", "flowmap_fd_loss",
-           "flowmap_loss", "flowmap_step"]
+__all__ = ["dual_act", "dual_attention", "dual_group_norm", "dual_layer_norm", "dual_linear", "dual_rms_norm", "flowmap_fd_loss",
+           "flowmap_loss", "flowmap_step", "jvp_attention"]
 
 from pyflowmap import _dispatch  # noqa: E402
 

@@ -111,30 +111,49 @@ def dual_modulate(hh: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
     return torch.cat([h * (1 + sc) + sh, h_dot * (1 + sc) + h * sc_dot + sh_dot])
 
 
-def dual_attention(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, causal: bool = False,
-                   scale: float | None = None) -> torch.Tensor:
-    """Math attention with its tangent, stacked ``[2B, H, N, D]`` inputs.
+def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dot: torch.Tensor | None = None,
+                  k_dot: torch.Tensor | None = None, v_dot: torch.Tensor | None = None, causal: bool = False,
+                  scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Math attention with its tangent on ``[B, H, N, D]``; absent tangents are zero. O(N^2) memory.
 
     S = c Q K^T, P = softmax(S), O = P V; S_dot = c (Q_dot K^T + Q K_dot^T),
-    O_dot = (P * S_dot) V - mu O + P V_dot with mu = rowsum(P * S_dot). O(N^2) memory.
+    O_dot = (P * S_dot) V - mu O + P V_dot with mu = rowsum(P * S_dot). Causal masks are aligned
+    bottom-right (key j visible to query i iff j <= i + Nk - Nq); a query that sees no key gets
+    O = O_dot = 0 (not the NaN of a softmax over nothing).
     """
-    q, q_dot = split(qq)
-    k, k_dot = split(kk)
-    v, v_dot = split(vv)
-    c = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    s = c * q @ k.transpose(-1, -2)
-    s_dot = c * (q_dot @ k.transpose(-1, -2) + q @ k_dot.transpose(-1, -2))
+    c = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
+    kt = k.transpose(-1, -2)
+    s = c * (q @ kt)
+    s_dot = torch.zeros_like(s)
+    if q_dot is not None:
+        s_dot = s_dot + c * (q_dot @ kt)
+    if k_dot is not None:
+        s_dot = s_dot + c * (q @ k_dot.transpose(-1, -2))
+    nq, nk = q.shape[-2], k.shape[-2]
     if causal:
-        nq, nk = q.shape[-2], k.shape[-2]
-        mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
-        s = s.masked_fill(~mask, float("-inf"))
-        s_dot = s_dot.masked_fill(~mask, 0.0)
-    p = torch.softmax(s, dim=-1)
+        visible = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+    else:
+        visible = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+    blind = ~visible.any(-1, keepdim=True)  # rows that see no key
+    # a finite fill for blind rows keeps softmax (and its gradient) free of NaN; P is zeroed below
+    s = s.masked_fill(~visible, float("-inf")).masked_fill(blind, 0.0)
+    p = torch.softmax(s, dim=-1).masked_fill(blind | ~visible, 0.0)
     o = p @ v
     ps = p * s_dot
     mu = ps.sum(-1, keepdim=True)
-    o_dot = ps @ v - mu * o + p @ v_dot
-    return torch.cat([o, o_dot])
+    o_dot = ps @ v - mu * o
+    if v_dot is not None:
+        o_dot = o_dot + p @ v_dot
+    return o, o_dot
+
+
+def dual_attention(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, causal: bool = False,
+                   scale: float | None = None) -> torch.Tensor:
+    """:func:`jvp_attention` on stacked ``[2B, H, N, D]`` inputs ``[x; x_dot]`` -> ``[O; O_dot]``."""
+    q, q_dot = split(qq)
+    k, k_dot = split(kk)
+    v, v_dot = split(vv)
+    return torch.cat(jvp_attention(q, k, v, q_dot, k_dot, v_dot, causal, scale))
 
 
 def dual_sinusoidal(t: torch.Tensor, t_dot: torch.Tensor | None, freqs: torch.Tensor) -> torch.Tensor:
