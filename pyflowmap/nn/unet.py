@@ -14,10 +14,18 @@ from pyflowmap.nn.mlp import time_tangents
 
 
 class ResBlock(DualModule):
-    """GroupNorm -> SiLU -> conv -> GroupNorm -> FiLM(cond) -> SiLU -> conv, plus a skip."""
+    """GroupNorm -> SiLU -> conv -> GroupNorm -> FiLM(cond) -> SiLU -> dropout -> conv, plus a skip.
 
-    def __init__(self, cin: int, cout: int, cond_dim: int, groups: int = 8):
+    Dropout in dual mode draws ONE mask and applies it to both halves (the tangent of
+    x -> m * x is m * x_dot). The mask comes from the global RNG, so two passes that restore
+    the RNG state in between (ECT's x_t and x_r passes) share it.
+    """
+
+    def __init__(self, cin: int, cout: int, cond_dim: int, groups: int = 8, dropout: float = 0.0):
         super().__init__()
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = dropout
         self.norm1, self.act1 = GroupNorm(min(groups, cin), cin), Activation("silu")
         self.conv1 = Conv2d(cin, cout, 3, padding=1)
         self.film = Linear(cond_dim, 2 * cout)
@@ -28,13 +36,18 @@ class ResBlock(DualModule):
     def forward(self, x, c):
         h = self.conv1(self.act1(self.norm1(x)))
         scale, shift = self.film(c)[:, :, None, None].chunk(2, dim=1)
-        h = self.conv2(self.act2(modulate(self.norm2(h), scale, shift)))
+        h = self.conv2(F.dropout(self.act2(modulate(self.norm2(h), scale, shift)), self.dropout, self.training))
         return h + (self.skip(x) if self.skip is not None else x)
 
     def dual(self, xx, cc):
         h = self.conv1.dual(self.act1.dual(self.norm1.dual(xx)))
         scale, shift = self.film.dual(cc)[:, :, None, None].chunk(2, dim=1)
-        h = self.conv2.dual(self.act2.dual(DF.dual_modulate(self.norm2.dual(h), scale, shift)))
+        h = self.act2.dual(DF.dual_modulate(self.norm2.dual(h), scale, shift))
+        if self.training and self.dropout > 0:
+            half = h.shape[0] // 2
+            mask = torch.bernoulli(torch.full_like(h[:half], 1 - self.dropout)) / (1 - self.dropout)
+            h = h * torch.cat([mask, mask])
+        h = self.conv2.dual(h)
         return h + (self.skip.dual(xx) if self.skip is not None else xx)
 
 
@@ -63,29 +76,30 @@ class UNetFlowMap(nn.Module):
     Two resolutions (``ch``, ``2 ch``) with a residual block each, a middle of
     ResBlock-Attention-ResBlock at H/4, and the paper's conditioning: positional embeddings of s
     and t - s through an MLP into FiLM scale/shift in every block. v = sigma_d * F(x / sigma_d,
-    s, t - s); the output conv starts at zero (untrained map = identity). Every layer has a
+    s, t - s); the output conv starts at zero (untrained map = identity); ``dropout`` in every
+    residual block (one mask shared by primal and tangent). Every layer has a
     dual mode, so ``net(x, s, t, tangents=...)`` returns ``(v, v_dot)``.
     """
 
     supports_tangents = True
 
     def __init__(self, channels: int = 1, ch: int = 32, emb_dim: int = 64, heads: int = 4,
-                 groups: int = 8, attention: bool = True, data_std: float = 0.5):
+                 groups: int = 8, attention: bool = True, data_std: float = 0.5, dropout: float = 0.0):
         super().__init__()
         cd = 4 * emb_dim
         self.channels = channels
         self.emb_s, self.emb_dt = SinusoidalEmbedding(emb_dim), SinusoidalEmbedding(emb_dim)
         self.cond = Sequential(Linear(2 * emb_dim, cd), Activation("silu"), Linear(cd, cd))
         self.inp = Conv2d(channels, ch, 3, padding=1)
-        self.down1 = ResBlock(ch, ch, cd, groups)
+        self.down1 = ResBlock(ch, ch, cd, groups, dropout)
         self.pool1 = Conv2d(ch, ch, 3, stride=2, padding=1)
-        self.down2 = ResBlock(ch, 2 * ch, cd, groups)
+        self.down2 = ResBlock(ch, 2 * ch, cd, groups, dropout)
         self.pool2 = Conv2d(2 * ch, 2 * ch, 3, stride=2, padding=1)
-        self.mid1 = ResBlock(2 * ch, 2 * ch, cd, groups)
+        self.mid1 = ResBlock(2 * ch, 2 * ch, cd, groups, dropout)
         self.mid_attn = AttnBlock(2 * ch, heads, groups) if attention else None
-        self.mid2 = ResBlock(2 * ch, 2 * ch, cd, groups)
-        self.up2 = ResBlock(4 * ch, 2 * ch, cd, groups)
-        self.up1 = ResBlock(3 * ch, ch, cd, groups)
+        self.mid2 = ResBlock(2 * ch, 2 * ch, cd, groups, dropout)
+        self.up2 = ResBlock(4 * ch, 2 * ch, cd, groups, dropout)
+        self.up1 = ResBlock(3 * ch, ch, cd, groups, dropout)
         self.out_norm, self.out_act = GroupNorm(min(groups, ch), ch), Activation("silu")
         self.out = Conv2d(ch, channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)

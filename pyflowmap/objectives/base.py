@@ -86,6 +86,11 @@ class Objective(nn.Module):
         """(pred, target) for off-diagonal samples; ``target`` may be a scalar 0."""
         raise NotImplementedError
 
+    def part_weight(self, key: str, pred, target) -> torch.Tensor | None:
+        """An extra per-sample weight ``[B]`` for part ``key`` ("fm" | "distill"), or None.
+        Computed from detached values (MeanFlow's adaptive weight overrides this)."""
+        return None
+
     def forward(self, flowmap: FlowMap, x1: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
         """The loss on a data batch ``x1`` ``[B, ...]``; randomness from ``generator``."""
         if x1.dim() < 2:
@@ -112,12 +117,14 @@ class Objective(nn.Module):
         for key, pred, target, ps, pt in parts:
             # one fused residual -> metric -> (weight) -> mean per part; with learned weighting
             # exp(-w) l + w is the weighted mean of l plus the mean of w
+            extra = self.part_weight(key, pred, target)
             if self.weighting is not None:
                 w = self.weighting(ps.to(self.weighting.dtype), pt.to(self.weighting.dtype))
-                part, per = residual_loss(pred, target, weight=torch.exp(-w))
+                ew = torch.exp(-w)
+                part, per = residual_loss(pred, target, weight=ew if extra is None else ew * extra.to(ew.dtype))
                 part = part + w.mean()
             else:
-                part, per = residual_loss(pred, target)
+                part, per = residual_loss(pred, target, weight=extra)
             loss = loss + part.to(loss.dtype)
             metrics[key] = per.detach().mean()
             per_sample.append(per)

@@ -1,0 +1,94 @@
+"""ECT, Easy Consistency Tuning (Geng et al.; MATH.md section 5), in EDM's sigma space."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pyflowmap.consistency import EDMConsistency
+from pyflowmap.interpolants import expand_time
+from pyflowmap.losses import residual_loss
+from pyflowmap.objectives.base import LossOutput
+from pyflowmap.times import ECTSchedule
+
+
+def _rng_state(device: torch.device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+class ECT(nn.Module):
+    """The consistency-tuning loss for an :class:`~pyflowmap.consistency.EDMConsistency` model.
+
+    Per sample: t ~ lognormal (the schedule), r = r(t) at this ``iteration`` (staged, q^-a
+    shrinking), one eps for both x_t = y + t eps and x_r = y + r eps, and the SAME dropout mask
+    in both passes (the global RNG is restored before the r pass); the r pass runs without
+    gradient on the live weights, and r = 0 makes the target the data itself. Loss:
+    pseudo-Huber sqrt(||f(x_t, t) - sg(f(x_r, r))||^2 + c^2) - c over all pixels, weighted by
+    1 / (t - r), averaged. ``c=None`` uses 0.00054 sqrt(pixels) (ECT's CIFAR value rescaled to
+    the data dimension); ``c=0`` is the plain L2 norm.
+
+    ``pretrain=True`` is the diffusion pretraining that ECT tunes from: r = 0 for every sample
+    (denoising, f(x_t, t) -> y) with EDM's weight (t^2 + sd^2) / (t sd)^2 and the squared L2
+    loss, i.e. the EDM denoiser objective in this same parameterization.
+    """
+
+    name = "ect"
+
+    def __init__(self, schedule: ECTSchedule | None = None, c: float | None = None, pretrain: bool = False):
+        super().__init__()
+        self.schedule = schedule if schedule is not None else ECTSchedule()
+        if c is not None and c < 0:
+            raise ValueError(f"ECT: pseudo-Huber c must be >= 0, got {c}")
+        self.c = c
+        self.pretrain = pretrain
+
+    def huber_c(self, y: torch.Tensor) -> float:
+        return 0.00054 * math.sqrt(y[0].numel()) if self.c is None else float(self.c)
+
+    def forward(self, model: EDMConsistency, y: torch.Tensor, generator: torch.Generator | None = None,
+                iteration: int = 0) -> LossOutput:
+        if y.dim() < 2 or y.shape[0] == 0:
+            raise ValueError(f"ECT: need a non-empty batch [B, ...], got {tuple(y.shape)}")
+        if not torch.isfinite(y).all():
+            raise ValueError("ECT: the data batch contains NaN or inf")
+        B, dev, dt = y.shape[0], y.device, y.dtype
+        t = self.schedule.sample_t(B, generator=generator, device=dev, dtype=dt)
+        eps = torch.randn(y.shape, generator=generator, device=dev, dtype=dt)
+        x_t = y + expand_time(t, y) * eps
+        if self.pretrain:
+            sd = model.path.sigma_data
+            weight = (t**2 + sd**2) / (t * sd) ** 2
+            loss, per = residual_loss(model(x_t, t), y, weight=weight)
+            return LossOutput(loss=loss, per_sample=per, n_diag=0,
+                              metrics={"loss": loss.detach(), "denoise": per.detach().mean()})
+        r = self.schedule.r(t, iteration)
+        rng = _rng_state(dev)
+        pred = model(x_t, t)
+        with torch.no_grad():
+            zero = r == 0
+            target = y.clone()
+            if not bool(zero.all()):
+                _set_rng_state(dev, rng)  # same dropout mask as the t pass
+                live = ~zero
+                # every sample goes through the network so the mask lines up with the t pass;
+                # r = 0 samples take the data as target
+                r_safe = torch.where(zero, t, r)
+                f_r = model(y + expand_time(r_safe, y) * eps, r_safe)
+                target[live] = f_r[live]
+        weight = 1.0 / (t - r)
+        loss, per = residual_loss(pred, target, weight=weight, metric="pseudo_huber", c=self.huber_c(y))
+        return LossOutput(loss=loss, per_sample=per, n_diag=int(zero.sum()),
+                          metrics={"loss": loss.detach(), "consistency": per.detach().mean(),
+                                   "r_zero_fraction": zero.float().mean()})
+
+    def extra_repr(self) -> str:
+        return f"schedule={self.schedule}, c={self.c}, pretrain={self.pretrain}"
