@@ -116,7 +116,7 @@ def _tiny_model(dropout=0.0, seed=0):
     return EDMConsistency(net)
 
 
-def test_ect_shares_one_dropout_mask_between_the_two_passes():
+def test_ect_shares_one_dropout_mask_between_the_two_passes(monkeypatch):
     model = _tiny_model(dropout=0.5).train()
     y = torch.randn(4, 1, 8, 8, dtype=torch.float64)
     calls = []
@@ -130,12 +130,8 @@ def test_ect_shares_one_dropout_mask_between_the_two_passes():
     obj = ECT(ECTSchedule(p_mean=1.0, p_std=0.1))  # t around e: r > 0 at a late stage
     import pyflowmap.nn.unet as unet
 
-    orig = unet.F.dropout
-    unet.F.dropout = spy
-    try:
-        obj(model, y, generator=torch.Generator().manual_seed(0), iteration=10**6)
-    finally:
-        unet.F.dropout = orig
+    monkeypatch.setattr(unet.F, "dropout", spy)
+    obj(model, y, generator=torch.Generator().manual_seed(0), iteration=10**6)
     n = len(calls) // 2
     assert n == 6 and all(torch.equal(a, b) for a, b in zip(calls[:n], calls[n:]))  # t pass == r pass
     assert any(a.any() for a in calls)

@@ -206,7 +206,6 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Inputs<T> in, T* __re
   const T* kd = at_bh(in.ptr[4], in.stride[4], b, h);
   const T* vd = at_bh(in.ptr[5], in.stride[5], b, h);
   const bool need_sd = p.has_q_dot || p.has_k_dot;
-  const bool tangent = need_sd || p.has_v_dot;
 
   const int q_valid = min(kBlockQ, p.nq - m0);
   load_tile<T, D>(qs, q, in.stride[0].n, kBlockQ, q_valid);
@@ -286,12 +285,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Inputs<T> in, T* __re
     uint32_t pa[kKsN][4];
     to_a<T, kKsN>(pa, s);
     warp_gemm_ra<T, kNtO, kKsN>(acc, pa, vs, kLd);
-    if (tangent) {
-      if (p.has_v_dot) warp_gemm_ra<T, kNtO, kKsN>(acc_t, pa, vds, kLd);
-      if (need_sd) {
-        to_a<T, kKsN>(pa, sd);
-        warp_gemm_ra<T, kNtO, kKsN>(acc_t, pa, vs, kLd);
-      }
+    if (p.has_v_dot) warp_gemm_ra<T, kNtO, kKsN>(acc_t, pa, vds, kLd);
+    if (need_sd) {
+      to_a<T, kKsN>(pa, sd);
+      warp_gemm_ra<T, kNtO, kKsN>(acc_t, pa, vs, kLd);
     }
   }
 

@@ -234,6 +234,15 @@ at::Tensor vector_ready(const at::Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
+// q, k, v, q_dot, k_dot, v_dot in the kernels' order, each vector-ready (absent ones undefined).
+std::array<at::Tensor, 6> vector_ready(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& qd, const at::Tensor& kd, const at::Tensor& vd) {
+  std::array<at::Tensor, 6> ts;
+  const at::Tensor* src[] = {&q, &k, &v, &qd, &kd, &vd};
+  for (int i = 0; i < 6; ++i) ts[i] = src[i]->defined() ? vector_ready(*src[i]) : at::Tensor();
+  return ts;
+}
+
 template <typename T, typename TT>
 Inputs<T> make_inputs(const std::array<at::Tensor, 6>& ts) {
   Inputs<T> in{};
@@ -256,9 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda_glue(
     const at::Tensor& vd, bool causal, double scale) {
   if (!kernel_covers(q, k)) return forward_chunked(q, k, v, qd, kd, vd, causal, scale);
   const c10::cuda::CUDAGuard guard(q.device());
-  std::array<at::Tensor, 6> ts;
-  const at::Tensor* src[] = {&q, &k, &v, &qd, &kd, &vd};
-  for (int i = 0; i < 6; ++i) ts[i] = src[i]->defined() ? vector_ready(*src[i]) : at::Tensor();
+  const std::array<at::Tensor, 6> ts = vector_ready(q, k, v, qd, kd, vd);
   at::Tensor o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor o_dot = at::empty_like(o);
   at::Tensor lse = at::empty(q.sizes().slice(0, 3), q.options().dtype(at::kFloat));
@@ -281,9 +288,7 @@ Grads backward_cuda_glue(const at::Tensor& g, const at::Tensor& gd, const at::Te
                          bool causal, double scale) {
   if (!kernel_covers(q, k)) return backward_chunked(g, gd, q, k, v, qd, kd, vd, o, od, lse, mu, causal, scale);
   const c10::cuda::CUDAGuard guard(q.device());
-  std::array<at::Tensor, 6> ts;
-  const at::Tensor* src[] = {&q, &k, &v, &qd, &kd, &vd};
-  for (int i = 0; i < 6; ++i) ts[i] = src[i]->defined() ? vector_ready(*src[i]) : at::Tensor();
+  const std::array<at::Tensor, 6> ts = vector_ready(q, k, v, qd, kd, vd);
   const at::Tensor gc = g.contiguous(), gdc = gd.defined() ? gd.contiguous() : at::Tensor();
   const at::Tensor oc = o.contiguous(), odc = od.contiguous(), lsec = lse.contiguous(), muc = mu.contiguous();
   const auto fopt = q.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
