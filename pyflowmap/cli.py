@@ -1,4 +1,5 @@
-"""Command line: ``python -m pyflowmap {demo,train,sample,eval}`` (also installed as ``pyflowmap``)."""
+"""Command line: ``python -m pyflowmap {demo,train,sample,eval,image-train,image-eval}`` (also
+installed as ``pyflowmap``)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ HELP = {
 }
 
 
-def _add_config_args(p: argparse.ArgumentParser, defaults: TrainConfig):
-    for f in fields(TrainConfig):
+def _add_config_args(p: argparse.ArgumentParser, defaults):
+    for f in fields(type(defaults)):
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
@@ -37,14 +38,15 @@ def _add_config_args(p: argparse.ArgumentParser, defaults: TrainConfig):
                            help=f"{HELP.get(f.name, '')} (default {default})")
 
 
-def _config_from(args, defaults: TrainConfig) -> TrainConfig:
+def _config_from(args, defaults):
+    cls = type(defaults)
     values = defaults.to_dict()
-    values.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None})
-    return TrainConfig.from_dict(values)
+    values.update({f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None})
+    return cls.from_dict(values)
 
 
-def _overrides(args) -> dict:
-    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+def _overrides(args, cls=TrainConfig) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
 
 
 def _run_eval(run_dir: Path, steps, samplers, n: int, seed: int, use_ema: bool, out_dir: Path | None = None) -> dict:
@@ -66,19 +68,52 @@ def _run_eval(run_dir: Path, steps, samplers, n: int, seed: int, use_ema: bool, 
     return summary
 
 
-def cmd_train(args) -> int:
+def _train(args, trainer_cls, defaults) -> int:
     out = Path(args.out)
     if args.resume:
-        trainer = Trainer.resume(out, progress=not args.quiet, **_overrides(args))
+        trainer = trainer_cls.resume(out, progress=not args.quiet, **_overrides(args, type(defaults)))
         print(f"resuming {out / CHECKPOINT} at step {trainer.step} of {trainer.cfg.steps}")
     else:
         if (out / CHECKPOINT).exists() and not args.overwrite:
             print(f"error: {out / CHECKPOINT} exists; pass --resume to continue it or --overwrite", file=sys.stderr)
             return 2
-        trainer = Trainer(_config_from(args, TrainConfig()), out_dir=out, progress=not args.quiet)
+        trainer = trainer_cls(_config_from(args, defaults), out_dir=out, progress=not args.quiet)
     trainer.fit()
     print(f"trained {trainer.step} steps ({trainer.skipped} skipped) in {trainer.train_seconds:.1f} s; "
           f"checkpoint {out / CHECKPOINT}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    return _train(args, Trainer, TrainConfig())
+
+
+def cmd_image_train(args) -> int:
+    from pyflowmap.images.train import ImageConfig, ImageTrainer
+
+    return _train(args, ImageTrainer, ImageConfig())
+
+
+def cmd_image_eval(args) -> int:
+    from pyflowmap.images.evaluate import evaluate_model
+    from pyflowmap.images.metrics import ImageEvaluator
+    from pyflowmap.images.train import load_run
+
+    run = Path(args.ckpt)
+    model, cfg, state = load_run(run, use_ema=not args.no_ema, device=args.device)
+    evaluator = ImageEvaluator(cfg.dataset, device=args.device)
+    out = Path(args.out) if args.out else run
+    rows = evaluate_model(model, evaluator, steps=args.steps, samplers=args.samplers, n=args.n, seed=args.seed,
+                          device=args.device, grid_dir=out, name="samples")
+    summary = {"objective": cfg.objective, "dataset": cfg.dataset, "train_steps": state["step"],
+               "train_seconds": state["train_seconds"], "skipped_steps": state["skipped"], "ema": not args.no_ema,
+               "classifier": evaluator.info, "cfd_floor": evaluator.floor, "rows": rows, "config": cfg.to_dict()}
+    atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    print(f"{cfg.objective.upper()} on {cfg.dataset}, {state['step']} steps; classifier Frechet distance "
+          f"(floor {evaluator.floor:.2f}, lower is better):")
+    for r in rows:
+        print(f"  {r['sampler']:12s} {r['steps']:3d} steps  CFD {r['cfd']:8.2f}  label entropy {r['label_entropy']:.2f}")
+    print(f"wrote {out / 'metrics.json'} and samples-*.png")
     return 0
 
 
@@ -121,6 +156,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _train_parser(sub, name: str, help: str, defaults, func) -> None:
+    p = sub.add_parser(name, help=help)
+    _add_config_args(p, defaults)
+    p.add_argument("--out", required=True, help="run directory (checkpoint.pt, config.json)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyflowmap", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -135,13 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="train a 2D flow map")
-    _add_config_args(p, TrainConfig())
-    p.add_argument("--out", required=True, help="run directory (checkpoint.pt, config.json)")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_train)
+    _train_parser(sub, "train", "train a 2D flow map", TrainConfig(), cmd_train)
 
     p = sub.add_parser("eval", help="metrics table, metrics.json and samples.png of a run")
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint file")
@@ -162,6 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sample)
+
+    from pyflowmap.images.train import ImageConfig
+
+    _train_parser(sub, "image-train", "train an image flow map or consistency model (needs [images])", ImageConfig(),
+                  cmd_image_train)
+
+    from pyflowmap.images.evaluate import SAMPLERS as IMAGE_SAMPLERS
+
+    p = sub.add_parser("image-eval", help="classifier Frechet distance table, metrics.json and PNG grids of an image run")
+    p.add_argument("--ckpt", required=True, help="run directory")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--samplers", nargs="+", default=None, choices=IMAGE_SAMPLERS,
+                   help="default: consistency for ECT runs, map (flow-map jumps) otherwise; ode: Euler on v_{t,t}")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--out", default=None, help="output directory (default: the run directory)")
+    p.set_defaults(func=cmd_image_eval)
     return parser
 
 

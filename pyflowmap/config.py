@@ -15,8 +15,33 @@ from pyflowmap.objectives import DISTILLATION, SELF_DISTILLATION, LearnedWeighti
 from pyflowmap.times import TimeSampler
 
 
+class ConfigBase:
+    """What every run configuration dataclass shares: validation on construction, a check
+    helper whose message names the class, and dict round trips that refuse unknown keys."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    def _need(self, cond, msg: str) -> None:
+        if not cond:
+            raise ValueError(f"{type(self).__name__}: {msg}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigBase):
     """Everything that defines a 2D training run. Defaults: the CPU demo (LSD on the checker).
 
     The paper's checker run is ``hidden=512, depth=4, batch=100_000, steps=150_000,
@@ -52,13 +77,8 @@ class TrainConfig:
     log_every: int = 50
     max_bad_steps: int = 50
 
-    def __post_init__(self):
-        self.validate()
-
     def validate(self) -> None:
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(f"TrainConfig: {msg}")
+        need = self._need
 
         need(self.data in DATASETS, f"data must be one of {sorted(DATASETS)}, got {self.data!r}")
         need(self.objective in SELF_DISTILLATION,
@@ -79,17 +99,6 @@ class TrainConfig:
         need(self.grad_clip > 0, f"grad_clip must be positive, got {self.grad_clip}")
         need(self.lr_decay_after >= 0, f"lr_decay_after must be >= 0, got {self.lr_decay_after}")
         need(0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown keys {sorted(unknown)}")
-        return cls(**d)
 
 
 def data_statistics(cfg: TrainConfig, n: int = 100_000) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""The 2D trainer: EMA, gradient clipping, sqrt learning-rate decay, non-finite step guard,
-atomic checkpoints and exact resume."""
+"""The training loop shared by every pyflowmap trainer (EMA, gradient clipping, learning-rate
+schedule, non-finite step guard, atomic checkpoints, exact resume) and the 2D trainer."""
 
 from __future__ import annotations
 
@@ -28,48 +28,50 @@ def _lr_factor(decay_after: int):
     return lambda step: 1.0 if step < decay_after else math.sqrt(decay_after / max(step, 1))
 
 
-class Trainer:
-    """Trains a 2D flow map from a :class:`TrainConfig`.
+class TrainerBase:
+    """The loop, the guard and the state that every trainer shares.
 
-    All training randomness (data, base noise, times, PSD splits) comes from one
-    ``torch.Generator`` whose state is checkpointed with model, EMA, optimizer, scheduler and
-    step, so :meth:`resume` continues bit-for-bit (CPU). A step whose loss or gradient norm is
-    not finite is skipped (no parameter, EMA or optimizer update) and counted; after
-    ``max_bad_steps`` consecutive ones training stops with :class:`NonFiniteTraining`, and no
-    checkpoint is ever written from a non-finite state.
+    A subclass builds ``cfg``, ``model``, ``ema``, ``objective``, ``params``, ``optimizer``,
+    ``scheduler`` and ``generator`` in its ``__init__``, then calls :meth:`_start`; it supplies
+    :meth:`loss_output` (one batch's :class:`~pyflowmap.objectives.LossOutput`, all randomness
+    from ``self.generator``) and the class attributes ``config_cls`` and ``format``.
+
+    A step whose loss or gradient norm is not finite is skipped (no parameter, EMA or optimizer
+    update) and counted; after ``max_bad_steps`` consecutive ones training stops with
+    :class:`NonFiniteTraining`, and no checkpoint is ever written from a non-finite state.
     """
 
-    def __init__(self, cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True):
-        cfg.validate()
-        self.cfg = cfg
+    config_cls: type = None
+    format: str = ""
+    resume_overrides = ("steps", "ckpt_every", "log_every", "device", "max_bad_steps")
+
+    def _start(self, out_dir, progress: bool) -> None:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
-        self.device = torch.device(cfg.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("TrainConfig.device is cuda but no CUDA device is available")
-        self.data_std = data_statistics(cfg)
-        self.base = build_base(cfg, self.data_std)
-        torch.manual_seed(cfg.seed)  # parameter initialization
-        self.model = build_model(cfg, self.data_std).to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.objective = build_objective(cfg, self.model, self.base).to(self.device)
-        self.params = [p for p in list(self.model.parameters()) + list(self.objective.parameters())
-                       if p.requires_grad]
-        self.optimizer = torch.optim.RAdam(self.params, lr=cfg.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg.lr_decay_after))
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
         self.step = 0
         self.bad_steps = 0
         self.skipped = 0
         self.train_seconds = 0.0
         self.history: list[dict] = []
 
+    def loss_output(self):
+        raise NotImplementedError
+
+    def ema_decay(self) -> float:
+        return self.cfg.ema
+
+    def extra_state(self) -> dict:
+        """Subclass state saved beside the common one (plain tensors and Python values)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
     # -- one step -----------------------------------------------------------------------------
     def train_step(self) -> dict | None:
         """One optimizer step; returns the step's scalars, or None if it was skipped."""
         cfg = self.cfg
-        x1 = sample_data(cfg.data, cfg.batch, generator=self.generator, device=self.device)
-        out = self.objective(self.model, x1, generator=self.generator)
+        out = self.loss_output()
         self.optimizer.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(out.loss))
         gnorm = torch.tensor(float("nan"))
@@ -93,19 +95,18 @@ class Trainer:
         self.scheduler.step()
         self._update_ema()
         self.step += 1
-        return {"loss": out.metrics["loss"], "fm": out.metrics.get("fm"),
-                "distill": out.metrics.get("distill"), "grad_norm": gnorm}
+        return {**out.metrics, "grad_norm": gnorm}
 
     @torch.no_grad()
     def _update_ema(self):
-        d = self.cfg.ema
+        d = self.ema_decay()
         ema_p = list(self.ema.parameters())
         torch._foreach_lerp_(ema_p, [p.detach() for p in self.model.parameters()], 1 - d)
         for eb, b in zip(self.ema.buffers(), self.model.buffers()):
             eb.copy_(b)
 
     # -- the loop -----------------------------------------------------------------------------
-    def fit(self, steps: int | None = None, stop_after: int | None = None) -> Trainer:
+    def fit(self, steps: int | None = None, stop_after: int | None = None):
         """Train until ``steps`` (default ``cfg.steps``) total steps; ``stop_after`` ends early
         after that many steps of this call (used to test resume)."""
         total = self.cfg.steps if steps is None else steps
@@ -122,7 +123,7 @@ class Trainer:
                 bar.update(1)
                 if rec is not None and (self.step % self.cfg.log_every == 0 or self.step == total):
                     row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0]}
-                    row.update({k: float(v) for k, v in rec.items() if v is not None})
+                    row.update({k: float(v) for k, v in rec.items()})
                     self.history.append(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if self.out_dir is not None and self.step % self.cfg.ckpt_every == 0:
@@ -139,7 +140,7 @@ class Trainer:
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "format": "pyflowmap-2d-v1",
+            "format": self.format,
             "config": self.cfg.to_dict(),
             "step": self.step,
             "skipped": self.skipped,
@@ -151,11 +152,13 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "data_std": self.data_std,
             "history": self.history,
+            **self.extra_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != self.format:
+            raise ValueError(f"checkpoint format {state.get('format')!r} is not {self.format!r}")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.objective.load_state_dict(state["objective"])
@@ -167,6 +170,7 @@ class Trainer:
         self.skipped = state["skipped"]
         self.train_seconds = state["train_seconds"]
         self.history = list(state["history"])
+        self.load_extra_state(state)
 
     def save(self) -> Path | None:
         """Write ``checkpoint.pt`` atomically, unless the model or EMA holds a non-finite value."""
@@ -183,15 +187,54 @@ class Trainer:
         return path
 
     @classmethod
-    def resume(cls, out_dir: str | Path, progress: bool = True, **overrides) -> Trainer:
+    def resume(cls, out_dir: str | Path, progress: bool = True, **overrides):
         """Rebuild a trainer from ``out_dir/checkpoint.pt``; ``overrides`` may extend ``steps``
-        or change logging, never the model or the objective."""
+        or change logging, never the model or the objective (restating their stored values is allowed)."""
         state = load_checkpoint(Path(out_dir) / CHECKPOINT)
-        allowed = {"steps", "ckpt_every", "log_every", "device", "max_bad_steps"}
-        bad = set(overrides) - allowed
+        allowed = set(cls.resume_overrides)
+        # restating a stored value is harmless (a command line repeated with --resume)
+        bad = {k for k, v in overrides.items() if k not in allowed and state["config"].get(k, object()) != v}
         if bad:
             raise ValueError(f"cannot change {sorted(bad)} when resuming (allowed: {sorted(allowed)})")
-        cfg = TrainConfig.from_dict({**state["config"], **overrides})
+        cfg = cls.config_cls.from_dict({**state["config"], **overrides})
         trainer = cls(cfg, out_dir=out_dir, progress=progress)
         trainer.load_state_dict(state)
         return trainer
+
+
+class Trainer(TrainerBase):
+    """Trains a 2D flow map from a :class:`TrainConfig`.
+
+    All training randomness (data, base noise, times, PSD splits) comes from one
+    ``torch.Generator`` whose state is checkpointed with model, EMA, optimizer, scheduler and
+    step, so :meth:`resume` continues bit-for-bit (CPU).
+    """
+
+    config_cls = TrainConfig
+    format = "pyflowmap-2d-v1"
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True):
+        cfg.validate()
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("TrainConfig.device is cuda but no CUDA device is available")
+        self.data_std = data_statistics(cfg)
+        self.base = build_base(cfg, self.data_std)
+        torch.manual_seed(cfg.seed)  # parameter initialization
+        self.model = build_model(cfg, self.data_std).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.objective = build_objective(cfg, self.model, self.base).to(self.device)
+        self.params = [p for p in list(self.model.parameters()) + list(self.objective.parameters())
+                       if p.requires_grad]
+        self.optimizer = torch.optim.RAdam(self.params, lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg.lr_decay_after))
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        self._start(out_dir, progress)
+
+    def loss_output(self):
+        x1 = sample_data(self.cfg.data, self.cfg.batch, generator=self.generator, device=self.device)
+        return self.objective(self.model, x1, generator=self.generator)
+
+    def extra_state(self) -> dict:
+        return {"data_std": self.data_std}

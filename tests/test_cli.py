@@ -40,3 +40,23 @@ def test_cli_errors_are_clean(tmp_path, capsys):
     assert main(["eval", "--ckpt", str(tmp_path / "missing")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "r"), "--batch", "0", "--quiet"]) == 2
+
+
+def test_image_train_resume_eval(tmp_path, capsys, monkeypatch):
+    import pytest
+
+    pytest.importorskip("sklearn")
+    pytest.importorskip("PIL")
+    monkeypatch.setenv("PYFLOWMAP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--dataset", "digits", "--ch", "8", "--emb-dim", "8", "--batch", "8", "--quiet"]
+    assert main(["image-train", "--objective", "psd-m", "--steps", "2", *common]) == 0
+    assert main(["image-train", "--objective", "psd-m", "--steps", "2", *common]) == 2  # no silent overwrite
+    assert main(["image-train", "--resume", "--steps", "3", *common]) == 0
+    assert main(["image-eval", "--ckpt", str(out), "--steps", "1", "2", "--n", "40"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == 3 and [r["steps"] for r in metrics["rows"]] == [1, 2]
+    assert (out / "samples-map-2step.png").is_file()
+    assert "classifier Frechet distance" in capsys.readouterr().out
+    assert main(["image-train", "--objective", "lmd", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "needs teacher" in capsys.readouterr().err
