@@ -45,7 +45,9 @@ SETTINGS = {
 
 def train(out: Path, cfg: ImageConfig, progress: bool) -> ImageTrainer:
     if (out / CHECKPOINT).is_file():
-        trainer = ImageTrainer.resume(out, progress=progress, steps=cfg.steps)
+        # every setting restated: resuming refuses a run made with another model, data or device
+        stated = {k: v for k, v in cfg.to_dict().items() if k != "ect_stage"}
+        trainer = ImageTrainer.resume(out, progress=progress, **stated)
     else:
         trainer = ImageTrainer(cfg, out_dir=out, progress=progress)
     return trainer.fit()

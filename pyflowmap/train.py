@@ -152,6 +152,7 @@ class TrainerBase:
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "history": self.history,
             **self.extra_state(),
         }
@@ -166,6 +167,8 @@ class TrainerBase:
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step = state["step"]
         self.skipped = state["skipped"]
         self.train_seconds = state["train_seconds"]
@@ -189,7 +192,12 @@ class TrainerBase:
     @classmethod
     def resume(cls, out_dir: str | Path, progress: bool = True, **overrides):
         """Rebuild a trainer from ``out_dir/checkpoint.pt``; ``overrides`` may extend ``steps``
-        or change logging, never the model or the objective (restating their stored values is allowed)."""
+        or change logging, never the model or the objective (restating their stored values is
+        allowed), nor move the run between CPU and CUDA (their generator states differ)."""
+        return cls._resume(out_dir, progress, {}, overrides)
+
+    @classmethod
+    def _resume(cls, out_dir, progress: bool, init_kwargs: dict, overrides: dict):
         state = load_checkpoint(Path(out_dir) / CHECKPOINT)
         allowed = set(cls.resume_overrides)
         # restating a stored value is harmless (a command line repeated with --resume)
@@ -197,7 +205,10 @@ class TrainerBase:
         if bad:
             raise ValueError(f"cannot change {sorted(bad)} when resuming (allowed: {sorted(allowed)})")
         cfg = cls.config_cls.from_dict({**state["config"], **overrides})
-        trainer = cls(cfg, out_dir=out_dir, progress=progress)
+        if torch.device(cfg.device).type != torch.device(state["config"]["device"]).type:
+            raise ValueError(f"cannot resume a {state['config']['device']} run on {cfg.device}: the random "
+                             "generator states differ, so it would not continue exactly")
+        trainer = cls(cfg, out_dir=out_dir, progress=progress, **init_kwargs)
         trainer.load_state_dict(state)
         return trainer
 

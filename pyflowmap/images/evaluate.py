@@ -35,13 +35,15 @@ def generate(model, sampler: str, steps: int, n: int, shape, seed: int = 0, devi
     is_cm = isinstance(model, EDMConsistency)
     if is_cm != (sampler == "consistency"):
         raise ValueError(f"sampler {sampler!r} does not fit a {type(model).__name__}")
-    g = torch.Generator(device=device).manual_seed(seed)
+    # the starting noise comes from its own generator, so it is the same for every sampler and
+    # step count whatever the re-noising draws
+    z_all = torch.randn((n, *shape), generator=torch.Generator(device=device).manual_seed(seed), device=device)
+    g_renoise = torch.Generator(device=device).manual_seed(seed + 1)
     out = []
     for i in range(0, n, chunk):
-        m = min(chunk, n - i)
-        z = torch.randn((m, *shape), generator=g, device=device)
+        z = z_all[i:i + chunk]
         if sampler == "consistency":
-            x = consistency_sample(model, z, steps=steps, generator=g)
+            x = consistency_sample(model, z, steps=steps, generator=g_renoise)
         elif sampler == "map":
             x = sample(model, z, steps=steps)
         else:

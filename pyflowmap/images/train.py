@@ -36,7 +36,9 @@ class ImageConfig(ConfigBase):
     velocity is distilled), ``ect`` (consistency tuning) or ``ect-pretrain`` (EDM denoising, the
     diffusion model ECT tunes from). ``init``: a run directory whose EMA weights start this run
     (ECT tuning from an ``ect-pretrain`` run; any run of the same model kind and size).
-    ``ect_stage`` is ECT's stage length d in steps (0: a quarter of ``steps``).
+    ``ect_stage`` is ECT's stage length d in steps (0 resolves, at construction, to a quarter of
+    ``steps``, and is stored so that a resumed or extended run keeps its schedule). ``teacher``
+    and ``init`` are stored as absolute paths.
     """
 
     dataset: str = "mnist5k"
@@ -64,6 +66,14 @@ class ImageConfig(ConfigBase):
     log_every: int = 25
     max_bad_steps: int = 50
 
+    def __post_init__(self):
+        if self.objective in CONSISTENCY and self.ect_stage == 0 and self.steps >= 1:
+            self.ect_stage = max(1, self.steps // 4)
+        for name in ("teacher", "init"):
+            if getattr(self, name):
+                setattr(self, name, str(Path(getattr(self, name)).resolve()))
+        super().__post_init__()
+
     def validate(self) -> None:
         need = self._need
 
@@ -77,8 +87,16 @@ class ImageConfig(ConfigBase):
         need(self.emb_dim % 2 == 0, f"emb_dim must be even, got {self.emb_dim}")
         need(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         need(0 <= self.diag_fraction <= 1, f"diag_fraction must be in [0, 1], got {self.diag_fraction}")
-        need(self.ect_stage >= 0 and self.warmup >= 0, "ect_stage and warmup must be >= 0")
-        need(self.lr > 0 and self.grad_clip > 0, "lr and grad_clip must be positive")
+        need(self.ect_stage >= 0, f"ect_stage must be >= 0, got {self.ect_stage}")
+        need(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
+        need(self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(self.grad_clip > 0, f"grad_clip must be positive, got {self.grad_clip}")
+        need(not self.semigradient or self.objective in ("lmd", "emd"),
+             f"semigradient applies to lmd and emd only, not {self.objective!r}")
+        # central differences call the network three times: three different dropout masks
+        need(not (self.derivative == "fd" and self.dropout > 0),
+             "derivative='fd' needs dropout=0 (each difference pass would draw its own dropout mask); "
+             "use derivative='dual' or 'jvp'")
         need(0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}")
 
     @property
@@ -103,7 +121,10 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device="cpu"):
         raise ValueError(f"{run_dir} is not an image run (format {state.get('format')!r})")
     cfg = ImageConfig.from_dict(state["config"])
     model = build_image_model(cfg, state["channels"])
-    model.load_state_dict(state["ema" if use_ema else "model"])
+    try:
+        model.load_state_dict(state["ema" if use_ema else "model"])
+    except RuntimeError as e:
+        raise ValueError(f"{run_dir}: weights do not fit the model its config describes: {e}") from e
     return model.to(device).eval().requires_grad_(False), cfg, state
 
 
@@ -118,9 +139,10 @@ class ImageTrainer(TrainerBase):
     """Trains an image model from an :class:`ImageConfig` on a packaged or user dataset.
 
     Adam with a linear warm-up, EMA whose decay ramps as min(ema, (1 + n) / (10 + n)) so short
-    runs are not dominated by the initialization. ECT's stage counter is the optimizer step. All
-    randomness (batches, noise, times, dropout via the saved global RNG) is checkpointed, so
-    :meth:`resume` continues exactly on CPU.
+    runs are not dominated by the initialization. ECT's stage counter is the step count (skipped
+    non-finite steps included). All randomness (batches, noise, times, dropout via the saved
+    CPU and CUDA RNG states) is checkpointed, so :meth:`resume` continues exactly on CPU; a run
+    built from an in-memory ``data`` tensor resumes with ``resume(out_dir, data=...)``.
     """
 
     config_cls = ImageConfig
@@ -139,10 +161,10 @@ class ImageTrainer(TrainerBase):
         torch.manual_seed(cfg.seed)  # parameter initialization
         self.model = build_image_model(cfg, self.channels).to(self.device)
         if cfg.init:
-            init, init_cfg, _ = load_run(cfg.init, device=self.device)
-            if (init_cfg.consistency, init_cfg.ch, init_cfg.emb_dim, init_cfg.attention) != \
-                    (cfg.consistency, cfg.ch, cfg.emb_dim, cfg.attention):
-                raise ValueError(f"init run {cfg.init} has a different model (kind/ch/emb_dim/attention)")
+            init, init_cfg, init_state = load_run(cfg.init, device=self.device)
+            if (init_cfg.consistency, init_cfg.ch, init_cfg.emb_dim, init_cfg.attention, init_state["channels"]) != \
+                    (cfg.consistency, cfg.ch, cfg.emb_dim, cfg.attention, self.channels):
+                raise ValueError(f"init run {cfg.init} has a different model (kind/ch/emb_dim/attention/channels)")
             self.model.load_state_dict(init.state_dict())
         self.model.train()
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -159,7 +181,7 @@ class ImageTrainer(TrainerBase):
     def _build_objective(self):
         cfg = self.cfg
         if cfg.consistency:
-            schedule = ECTSchedule(stage_length=cfg.ect_stage or max(1, cfg.steps // 4))
+            schedule = ECTSchedule(stage_length=cfg.ect_stage)
             return ECT(schedule, c=None if cfg.ect_c < 0 else cfg.ect_c, pretrain=cfg.objective == "ect-pretrain")
         kwargs = dict(base=self.base, times=TimeSampler(diag_fraction=cfg.diag_fraction),
                       derivative=_derivative(cfg, self.model))
@@ -184,6 +206,16 @@ class ImageTrainer(TrainerBase):
 
     def extra_state(self) -> dict:
         return {"channels": self.channels, "size": list(self.size)}
+
+    def load_extra_state(self, state: dict) -> None:
+        if (state["channels"], list(state["size"])) != (self.channels, list(self.size)):
+            raise ValueError(f"the checkpoint was trained on {state['channels']} x {state['size']} images, "
+                             f"this data is {self.channels} x {list(self.size)}")
+
+    @classmethod
+    def resume(cls, out_dir, progress: bool = True, data: torch.Tensor | None = None, **overrides):
+        """Continue ``out_dir`` exactly; ``data`` for a run that was built from a tensor."""
+        return cls._resume(out_dir, progress, {"data": data}, overrides)
 
     def fit(self, steps: int | None = None, stop_after: int | None = None):
         self.model.train()
