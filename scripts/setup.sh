@@ -26,4 +26,5 @@ target="$ROOT"
 [ -n "$EXTRAS" ] && target="$ROOT[$EXTRAS]"
 echo "[setup] building pyflowmap (first build ~1 minute on 2 cores)"
 "${PIP[@]}" install --no-build-isolation -e "$target"
-"$VENV/bin/python" -c "import pyflowmap; print('[setup] pyflowmap', pyflowmap.__version__, pyflowmap.build_info())"
+# SETUP_PRELOAD: the sanitizer runtimes an ASan build needs loaded first (scripts/asan_check.sh)
+LD_PRELOAD="${SETUP_PRELOAD:-}" "$VENV/bin/python" -c "import pyflowmap; print('[setup] pyflowmap', pyflowmap.__version__, pyflowmap.build_info())"
