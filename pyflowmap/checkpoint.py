@@ -48,6 +48,32 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def save_weights(state_dict: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write a weights-only ``state_dict`` as safetensors, atomically: no pickle, so a shared
+    file cannot run code when loaded. ``metadata`` values are stored as strings."""
+    try:
+        from safetensors.torch import save
+    except ImportError as e:
+        raise ImportError("save_weights needs safetensors: pip install 'pyflowmap[safetensors]'") from e
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    blob = save(tensors, metadata=meta)
+    return atomic_write(path, lambda f: f.write(blob))
+
+
+def load_weights(path: str | os.PathLike, device="cpu") -> tuple[dict, dict]:
+    """(state_dict, metadata) from a file written by :func:`save_weights`."""
+    try:
+        from safetensors import safe_open
+    except ImportError as e:
+        raise ImportError("load_weights needs safetensors: pip install 'pyflowmap[safetensors]'") from e
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
 def all_finite(module: torch.nn.Module) -> bool:
     """True when every floating parameter and buffer of ``module`` is finite."""
     tensors = list(module.parameters()) + list(module.buffers())

@@ -11,11 +11,18 @@ from pathlib import Path
 
 import torch
 
-from pyflowmap.checkpoint import all_finite, atomic_write, load_checkpoint, save_checkpoint
+from pyflowmap.checkpoint import all_finite, atomic_write, load_checkpoint, save_checkpoint, save_weights
 from pyflowmap.config import TrainConfig, build_base, build_model, build_objective, data_statistics
 from pyflowmap.data import sample_data
 
 CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "weights.safetensors"
+
+
+def _has_safetensors() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("safetensors") is not None
 
 
 class NonFiniteTraining(RuntimeError):
@@ -176,7 +183,8 @@ class TrainerBase:
         self.load_extra_state(state)
 
     def save(self) -> Path | None:
-        """Write ``checkpoint.pt`` atomically, unless the model or EMA holds a non-finite value."""
+        """Write ``checkpoint.pt`` (and ``weights.safetensors``, the EMA weights, when safetensors
+        is installed) atomically, unless the model or EMA holds a non-finite value."""
         if self.out_dir is None:
             raise ValueError("Trainer has no out_dir to save to")
         if not (all_finite(self.model) and all_finite(self.ema)):
@@ -185,6 +193,11 @@ class TrainerBase:
             warnings.warn("non-finite parameters: checkpoint NOT written, the previous one is kept")
             return None
         path = save_checkpoint(self.state_dict(), self.out_dir / CHECKPOINT)
+        if _has_safetensors():
+            # the EMA weights alone, pickle-free, for sharing and serving (the full training
+            # state needs optimizer and RNG objects and stays in checkpoint.pt)
+            save_weights(self.ema.state_dict(), self.out_dir / WEIGHTS,
+                         {"format": self.format, "step": self.step, "config": json.dumps(self.cfg.to_dict())})
         atomic_write(self.out_dir / "config.json",
                      lambda f: f.write(json.dumps(self.cfg.to_dict(), indent=2).encode()))
         return path

@@ -77,3 +77,25 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(kind, tmp_path):
     for a, b in zip(full.optimizer.state_dict()["state"].values(), resumed.optimizer.state_dict()["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
+
+
+def test_safetensors_weights_beside_the_checkpoint(tmp_path):
+    pytest.importorskip("safetensors")
+    import json
+
+    from pyflowmap.checkpoint import load_weights, save_weights
+    from pyflowmap.train import WEIGHTS
+
+    trainer, _ = _trainer("2d", tmp_path)
+    trainer.fit(steps=12)
+    weights, meta = load_weights(tmp_path / WEIGHTS)
+    ema = trainer.ema.state_dict()
+    assert weights.keys() == ema.keys() and all(torch.equal(weights[k], ema[k]) for k in ema)
+    assert meta["step"] == "12" and json.loads(meta["config"])["objective"] == "lsd"
+    fresh, _ = _trainer("2d", tmp_path / "other")
+    fresh.model.load_state_dict(weights)  # a plain state dict: loads into the model class
+    # no pickle: a non-tensor value cannot be smuggled in
+    with pytest.raises(Exception):
+        save_weights({"x": "not a tensor"}, tmp_path / "bad.safetensors")
+    with pytest.raises(FileNotFoundError):
+        load_weights(tmp_path / "missing.safetensors")
