@@ -37,3 +37,18 @@ def paper_mlp(hidden=512, depth=4, seed=0):
     net = pf.nn.FlowMapMLP(hidden=hidden, depth=depth)
     torch.nn.init.normal_(net.head.weight, std=0.01)
     return net
+
+
+def train_step(objective, flowmap, x1, generator: torch.Generator, lr: float = 1e-4):
+    """One optimizer step of ``objective`` on the fixed batch ``x1``, re-seeding ``generator``
+    each call so every timed step does the same work."""
+    opt = torch.optim.RAdam(flowmap.parameters(), lr=lr)
+
+    def step():
+        generator.manual_seed(1)
+        out = objective(flowmap, x1, generator=generator)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+
+    return step

@@ -14,7 +14,7 @@ from pyflowmap import ops, reference
 from pyflowmap.data import sample_data
 
 from conftest import bench
-from models import PlainMLP, paper_mlp
+from models import PlainMLP, paper_mlp, train_step
 
 B = 4096  # the measurement batch (the paper trains at 100k)
 
@@ -28,18 +28,8 @@ def lsd_step(variant, eta):
     name = "fm" if variant == "fm-step" else "lsd"
     kw = {} if name == "fm" else {"times": pf.TimeSampler(diag_fraction=eta)}
     objective = pf.make_objective(name, derivative=derivative, **kw)
-    opt = torch.optim.RAdam(fm.parameters(), lr=1e-4)
     x1 = sample_data("checker", B, generator=torch.Generator().manual_seed(0))
-    gen = torch.Generator()
-
-    def step():
-        gen.manual_seed(1)
-        out = objective(fm, x1, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-
-    return step
+    return train_step(objective, fm, x1, torch.Generator())
 
 
 @pytest.mark.parametrize("eta", [0.75, 0.0], ids=["eta0.75", "eta0"])

@@ -14,7 +14,7 @@ from pyflowmap import ops
 from pyflowmap.data import sample_data
 
 from conftest import DEVICES, bench
-from models import PlainMLP, paper_mlp
+from models import PlainMLP, paper_mlp, train_step
 
 pytestmark = pytest.mark.skipif("cuda" not in DEVICES, reason="needs the CUDA kernels and a device")
 DEV = "cuda"
@@ -92,16 +92,7 @@ def test_lsd_step(benchmark, model, variant):
         fm = pf.FlowMap(net)  # primal mode: torch.func.jvp runs its forward-AD rules
     objective = pf.make_objective("lsd", derivative="jvp" if variant == "jvp" else "dual",
                                   times=pf.TimeSampler(diag_fraction=0.0))
-    opt = torch.optim.RAdam(fm.parameters(), lr=1e-4)
-    gen = torch.Generator(device=DEV)
-
-    def step():
-        gen.manual_seed(1)
-        out = objective(fm, x1, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-
+    step = train_step(objective, fm, x1, torch.Generator(device=DEV))
     benchmark.group = f"LSD step, {model}, all off-diagonal (cuda)"
     bench(benchmark, step, DEV, inner=3)
 

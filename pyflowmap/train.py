@@ -117,6 +117,7 @@ class TrainerBase:
         """Train until ``steps`` (default ``cfg.steps``) total steps; ``stop_after`` ends early
         after that many steps of this call (used to test resume)."""
         total = self.cfg.steps if steps is None else steps
+        self.model.train()  # dropout on, whatever a caller did to the model between fits
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=self.step, disable=not self.progress,

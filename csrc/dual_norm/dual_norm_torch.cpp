@@ -50,6 +50,16 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
 
+// The backward's own inputs against the forward's: same for every device.
+void check_backward_inputs(const at::Tensor& gyy, const at::Tensor& xx, const at::Tensor& mean,
+                           const at::Tensor& rstd, const Shape& s) {
+  TORCH_CHECK(gyy.sizes() == xx.sizes() && gyy.scalar_type() == xx.scalar_type() && gyy.device() == xx.device(),
+              "dual_norm_backward: `grad` must match `xx` in shape, dtype and device");
+  TORCH_CHECK(mean.numel() == s.rows && rstd.numel() == s.rows && mean.scalar_type() == at::kDouble &&
+                  rstd.scalar_type() == at::kDouble && mean.device() == xx.device() && rstd.device() == xx.device(),
+              "dual_norm_backward: `mean` and `rstd` must be the forward's per-row statistics");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_norm_cpu(
     const at::Tensor& xx_in, const std::optional<at::Tensor>& weight_in,
     const std::optional<at::Tensor>& bias_in, int64_t len, int64_t groups, int64_t spatial,
@@ -80,11 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_norm_backward_cpu(
   const Shape s = make_shape(xx_in, weight_in, std::nullopt, len, groups, spatial, center, eps,
                              "dual_norm_backward");
   TORCH_CHECK(xx_in.device().is_cpu(), "dual_norm_backward (CPU kernel): `xx` must be on the CPU");
-  TORCH_CHECK(gyy_in.sizes() == xx_in.sizes() && gyy_in.scalar_type() == xx_in.scalar_type(),
-              "dual_norm_backward: `grad` must match `xx` in shape and dtype");
-  TORCH_CHECK(mean.numel() == s.rows && rstd.numel() == s.rows && mean.scalar_type() == at::kDouble &&
-                  rstd.scalar_type() == at::kDouble,
-              "dual_norm_backward: `mean` and `rstd` must be the forward's per-row statistics");
+  check_backward_inputs(gyy_in, xx_in, mean, rstd, s);
   const at::Tensor xx = xx_in.contiguous(), gyy = gyy_in.contiguous();
   const at::Tensor w = contiguous_or_undefined(weight_in);
   const at::Tensor m = mean.contiguous(), r = rstd.contiguous();
@@ -136,13 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_norm_backward_cuda(
   const Shape s = make_shape(xx_in, weight_in, std::nullopt, len, groups, spatial, center, eps,
                              "dual_norm_backward");
   TORCH_CHECK(xx_in.is_cuda(), "dual_norm_backward (CUDA kernel): `xx` must be a CUDA tensor");
-  TORCH_CHECK(gyy_in.sizes() == xx_in.sizes() && gyy_in.scalar_type() == xx_in.scalar_type() &&
-                  gyy_in.device() == xx_in.device(),
-              "dual_norm_backward: `grad` must match `xx` in shape, dtype and device");
-  TORCH_CHECK(mean.numel() == s.rows && rstd.numel() == s.rows && mean.scalar_type() == at::kDouble &&
-                  rstd.scalar_type() == at::kDouble && mean.device() == xx_in.device() &&
-                  rstd.device() == xx_in.device(),
-              "dual_norm_backward: `mean` and `rstd` must be the forward's per-row statistics");
+  check_backward_inputs(gyy_in, xx_in, mean, rstd, s);
   const c10::cuda::CUDAGuard guard(xx_in.device());
   const at::Tensor xx = xx_in.contiguous(), gyy = gyy_in.contiguous();
   const at::Tensor w = contiguous_or_undefined(weight_in);

@@ -5,6 +5,7 @@ Frechet distance, with PNG sample grids."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -86,8 +87,6 @@ def evaluate_model(model: FlowMap | EDMConsistency, evaluator: ImageEvaluator, s
     """Score ``model`` at every (sampler, steps): rows ``{"sampler", "steps", "cfd",
     "label_entropy", "confidence", "n", "sample_seconds"}``. With ``grid_dir`` also writes
     ``{name}-{sampler}-{k}step.png`` (the first ``grid_n`` samples)."""
-    import time
-
     samplers = samplers or default_samplers(model)
     rows = []
     for sampler in samplers:

@@ -166,7 +166,6 @@ class ImageTrainer(TrainerBase):
                     (cfg.consistency, cfg.ch, cfg.emb_dim, cfg.attention, self.channels):
                 raise ValueError(f"init run {cfg.init} has a different model (kind/ch/emb_dim/attention/channels)")
             self.model.load_state_dict(init.state_dict())
-        self.model.train()
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.base = GaussianBase(1.0)
         self.objective = self._build_objective().to(self.device)
@@ -216,10 +215,6 @@ class ImageTrainer(TrainerBase):
     def resume(cls, out_dir, progress: bool = True, data: torch.Tensor | None = None, **overrides):
         """Continue ``out_dir`` exactly; ``data`` for a run that was built from a tensor."""
         return cls._resume(out_dir, progress, {"data": data}, overrides)
-
-    def fit(self, steps: int | None = None, stop_after: int | None = None):
-        self.model.train()
-        return super().fit(steps, stop_after)
 
 
 __all__ = ["ImageConfig", "ImageTrainer", "IMAGE_OBJECTIVES", "build_image_model", "load_run"]
