@@ -68,19 +68,35 @@ def _run_eval(run_dir: Path, steps, samplers, n: int, seed: int, use_ema: bool, 
     return summary
 
 
+def _run_device(args, defaults, out: Path) -> str:
+    if args.device is not None:
+        return args.device
+    if args.resume and (out / "config.json").exists():
+        return json.loads((out / "config.json").read_text()).get("device", defaults.device)
+    return defaults.device
+
+
 def _train(args, trainer_cls, defaults) -> int:
+    from pyflowmap import distributed
+
     out = Path(args.out)
+    # under torchrun (WORLD_SIZE > 1): join the group; every rank trains its share of each
+    # global batch, rank 0 alone writes and prints
+    distributed.init_from_env(_run_device(args, defaults, out))
     if args.resume:
         trainer = trainer_cls.resume(out, progress=not args.quiet, **_overrides(args, type(defaults)))
-        print(f"resuming {out / CHECKPOINT} at step {trainer.step} of {trainer.cfg.steps}")
+        if distributed.is_main():
+            print(f"resuming {out / CHECKPOINT} at step {trainer.step} of {trainer.cfg.steps}")
     else:
         if (out / CHECKPOINT).exists() and not args.overwrite:
             print(f"error: {out / CHECKPOINT} exists; pass --resume to continue it or --overwrite", file=sys.stderr)
             return 2
         trainer = trainer_cls(_config_from(args, defaults), out_dir=out, progress=not args.quiet)
     trainer.fit()
-    print(f"trained {trainer.step} steps ({trainer.skipped} skipped) in {trainer.train_seconds:.1f} s; "
-          f"checkpoint {out / CHECKPOINT}")
+    if distributed.is_main():
+        world = 1 if trainer.shard is None else trainer.shard.world
+        print(f"trained {trainer.step} steps ({trainer.skipped} skipped) in {trainer.train_seconds:.1f} s"
+              + (f" on {world} processes" if world > 1 else "") + f"; checkpoint {out / CHECKPOINT}")
     return 0
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from pyflowmap import distributed as dist_
 from pyflowmap.checkpoint import all_finite, atomic_write, load_checkpoint, save_checkpoint, save_weights
 from pyflowmap.config import TrainConfig, build_base, build_model, build_objective, data_statistics
 from pyflowmap.data import sample_data
@@ -54,7 +55,17 @@ class TrainerBase:
 
     def _start(self, out_dir, progress: bool) -> None:
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.progress = progress
+        self.shard = dist_.current_shard()
+        self.progress = progress and dist_.is_main()
+        self.ddp = None
+        if self.shard is not None:
+            if self.cfg.batch % self.shard.world:
+                raise ValueError(f"batch={self.cfg.batch} must be divisible by the {self.shard.world} processes "
+                                 "(each rank trains an equal share of the global batch)")
+            # dropout is the only per-rank randomness; rank 0 keeps the one-process stream
+            if self.shard.rank > 0:
+                torch.manual_seed(dist_.rank_seed(self.cfg.seed, self.shard.rank))
+            self.ddp = dist_.wrap_ddp(self.model, self.objective, self.loss_output, self.device)
         self.step = 0
         self.bad_steps = 0
         self.skipped = 0
@@ -63,6 +74,14 @@ class TrainerBase:
 
     def loss_output(self):
         raise NotImplementedError
+
+    def shard_args(self) -> dict:
+        """Keyword arguments that make an objective compute this rank's share of the loss."""
+        return {} if self.shard is None else {"shard": self.shard, "global_batch": self.cfg.batch}
+
+    def shard_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch (all of it in a one-process run)."""
+        return x if self.shard is None else x[self.shard.indices(x.shape[0], device=x.device)]
 
     def ema_decay(self) -> float:
         return self.cfg.ema
@@ -78,12 +97,18 @@ class TrainerBase:
     def train_step(self) -> dict | None:
         """One optimizer step; returns the step's scalars, or None if it was skipped."""
         cfg = self.cfg
-        out = self.loss_output()
+        if self.ddp is not None:
+            loss, metrics = self.ddp()  # one DDP forward spans every network call of the step
+        else:
+            out = self.loss_output()
+            loss, metrics = out.loss, out.metrics
         self.optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(out.loss))
+        # decided together: a rank that skipped backward alone would hang the others in DDP
+        finite = dist_.all_true(bool(torch.isfinite(loss)), self.device)
         gnorm = torch.tensor(float("nan"))
         if finite:
-            out.loss.backward()
+            loss.backward()
+            # gradients are already averaged over ranks, so every rank clips alike
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
             finite = bool(torch.isfinite(gnorm))
         if not finite:
@@ -102,7 +127,7 @@ class TrainerBase:
         self.scheduler.step()
         self._update_ema()
         self.step += 1
-        return {**out.metrics, "grad_norm": gnorm}
+        return {**metrics, "grad_norm": gnorm}
 
     @torch.no_grad()
     def _update_ema(self):
@@ -130,6 +155,7 @@ class TrainerBase:
                 done += 1
                 bar.update(1)
                 if rec is not None and (self.step % self.cfg.log_every == 0 or self.step == total):
+                    rec = dist_.mean_over_ranks(rec)  # the global batch's loss
                     row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0]}
                     row.update({k: float(v) for k, v in rec.items()})
                     self.history.append(row)
@@ -161,6 +187,8 @@ class TrainerBase:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            # every rank's dropout stream (a collective: all ranks call state_dict together)
+            "rank_rng": dist_.gather_objects(self._rank_rng()),
             "history": self.history,
             **self.extra_state(),
         }
@@ -174,26 +202,51 @@ class TrainerBase:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self._set_rank_rng(state)
         self.step = state["step"]
         self.skipped = state["skipped"]
         self.train_seconds = state["train_seconds"]
         self.history = list(state["history"])
         self.load_extra_state(state)
 
+    def _rank_rng(self):
+        return (torch.get_rng_state(),
+                torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+
+    def _set_rank_rng(self, state: dict) -> None:
+        ranks = state.get("rank_rng") or [(state["torch_rng"], state.get("cuda_rng"))]
+        world = 1 if self.shard is None else self.shard.world
+        r = 0 if self.shard is None else self.shard.rank
+        if len(ranks) == world:
+            cpu, cuda = ranks[r]
+        elif r == 0:
+            cpu, cuda = ranks[0]
+        else:
+            import warnings
+
+            warnings.warn(f"checkpoint from {len(ranks)} processes resumed on {world}: rank {r} draws its "
+                          "dropout masks from a fresh stream (data, noise and times continue exactly)")
+            torch.manual_seed(dist_.rank_seed(self.cfg.seed + self.step, r))
+            return
+        torch.set_rng_state(cpu)
+        if self.device.type == "cuda" and cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+
     def save(self) -> Path | None:
         """Write ``checkpoint.pt`` (and ``weights.safetensors``, the EMA weights, when safetensors
         is installed) atomically, unless the model or EMA holds a non-finite value."""
         if self.out_dir is None:
             raise ValueError("Trainer has no out_dir to save to")
-        if not (all_finite(self.model) and all_finite(self.ema)):
+        if not (all_finite(self.model) and all_finite(self.ema)):  # identical on every rank
             import warnings
 
             warnings.warn("non-finite parameters: checkpoint NOT written, the previous one is kept")
             return None
-        path = save_checkpoint(self.state_dict(), self.out_dir / CHECKPOINT)
+        state = self.state_dict()  # on every rank: it gathers the ranks' RNG states
+        if not dist_.is_main():
+            dist_.barrier()
+            return None
+        path = save_checkpoint(state, self.out_dir / CHECKPOINT)
         if _has_safetensors():
             # the EMA weights alone, pickle-free, for sharing and serving (the full training
             # state needs optimizer and RNG objects and stays in checkpoint.pt)
@@ -201,6 +254,7 @@ class TrainerBase:
                          {"format": self.format, "step": self.step, "config": json.dumps(self.cfg.to_dict())})
         atomic_write(self.out_dir / "config.json",
                      lambda f: f.write(json.dumps(self.cfg.to_dict(), indent=2).encode()))
+        dist_.barrier()  # nobody reads or resumes before rank 0 has written
         return path
 
     @classmethod
@@ -241,7 +295,7 @@ class Trainer(TrainerBase):
     def __init__(self, cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True):
         cfg.validate()
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
+        self.device = dist_.local_device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("TrainConfig.device is cuda but no CUDA device is available")
         self.data_std = data_statistics(cfg)
@@ -258,8 +312,9 @@ class Trainer(TrainerBase):
         self._start(out_dir, progress)
 
     def loss_output(self):
+        # the global batch is drawn on every rank (cheap 2D sampling), each keeps its rows
         x1 = sample_data(self.cfg.data, self.cfg.batch, generator=self.generator, device=self.device)
-        return self.objective(self.model, x1, generator=self.generator)
+        return self.objective(self.model, self.shard_rows(x1), generator=self.generator, **self.shard_args())
 
     def extra_state(self) -> dict:
         return {"data_std": self.data_std}

@@ -134,8 +134,12 @@ class Batches:
             raise ValueError(f"Batches: need a non-empty [N, C, H, W] tensor, got {tuple(images.shape)}")
         self.images = images.to(device)
 
-    def __call__(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, batch: int, generator: torch.Generator, shard=None) -> torch.Tensor:
+        """A batch of ``batch`` images; with a :class:`~pyflowmap.distributed.Shard`, only
+        this rank's rows of it (the indices are drawn for the whole batch)."""
         n = self.images.shape[0]
         idx = torch.randperm(n, generator=generator, device=generator.device)[:batch] if batch <= n else \
             torch.randint(n, (batch,), generator=generator, device=generator.device)
+        if shard is not None:
+            idx = idx[shard.indices(batch, device=idx.device)]
         return self.images[idx.to(self.images.device)]

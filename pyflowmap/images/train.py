@@ -15,6 +15,7 @@ from pyflowmap.checkpoint import load_checkpoint
 from pyflowmap.config import ConfigBase
 from pyflowmap.consistency import EDMConsistency
 from pyflowmap.derivatives import FiniteDifference, resolve_mode
+from pyflowmap.distributed import local_device
 from pyflowmap.flowmap import FlowMap
 from pyflowmap.images.data import Batches, load_dataset
 from pyflowmap.interpolants import GaussianBase
@@ -152,7 +153,7 @@ class ImageTrainer(TrainerBase):
                  data: torch.Tensor | None = None):
         cfg.validate()
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
+        self.device = local_device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("ImageConfig.device is cuda but no CUDA device is available")
         images = load_dataset(cfg.dataset)[0] if data is None else data
@@ -195,10 +196,11 @@ class ImageTrainer(TrainerBase):
         return make_objective(cfg.objective, **kwargs)
 
     def loss_output(self):
-        x1 = self.batches(self.cfg.batch, self.generator)
+        # the global batch's indices are drawn on every rank; each loads only its own rows
+        x1 = self.batches(self.cfg.batch, self.generator, shard=self.shard)
         if self.cfg.consistency:
-            return self.objective(self.model, x1, generator=self.generator, iteration=self.step)
-        return self.objective(self.model, x1, generator=self.generator)
+            return self.objective(self.model, x1, generator=self.generator, iteration=self.step, **self.shard_args())
+        return self.objective(self.model, x1, generator=self.generator, **self.shard_args())
 
     def ema_decay(self) -> float:
         return min(self.cfg.ema, (1 + self.step) / (10 + self.step))

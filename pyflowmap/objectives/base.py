@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pyflowmap.derivatives import DerivativeMode, resolve_mode
+from pyflowmap.distributed import Shard
 from pyflowmap.flowmap import FlowMap, as_velocity  # noqa: F401  (re-exported)
 from pyflowmap.interpolants import GaussianBase, Interpolant, make_interpolant
 from pyflowmap.losses import residual_loss
@@ -29,6 +30,20 @@ class LossOutput:
     per_sample: torch.Tensor
     n_diag: int
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def check_shard(shard: Shard | None, global_batch: int | None, n_local: int) -> int:
+    """The global batch size; with a shard, ``n_local`` must be this rank's share of it."""
+    if shard is None:
+        if global_batch is not None and global_batch != n_local:
+            raise ValueError(f"global_batch={global_batch} without a shard must equal the batch size {n_local}")
+        return n_local
+    if global_batch is None:
+        raise ValueError("a shard needs global_batch, the size of the batch that is split over ranks")
+    if shard.count(global_batch) != n_local:
+        raise ValueError(f"rank {shard.rank} of {shard.world} owns {shard.count(global_batch)} rows of a global "
+                         f"batch of {global_batch}, but x1 has {n_local}")
+    return global_batch
 
 
 def freeze(module):
@@ -82,35 +97,59 @@ class Objective(nn.Module):
                 return self._diagonal_teacher(xt, t)
         return self.interpolant.velocity_target(x0, x1, t)
 
-    def offdiag_terms(self, flowmap: FlowMap, x0, x1, s, t, generator=None):
-        """(pred, target) for off-diagonal samples; ``target`` may be a scalar 0."""
+    def offdiag_terms(self, flowmap: FlowMap, x0, x1, s, t, draws: dict | None = None):
+        """(pred, target) for off-diagonal samples; ``target`` may be a scalar 0. ``draws``:
+        this objective's own per-sample random values from :meth:`draw_offdiag`."""
         raise NotImplementedError
+
+    def draw_offdiag(self, n: int, generator, device, dtype) -> dict:
+        """Per-sample randomness of ``n`` off-diagonal samples beyond (x0, s, t), e.g. PSD's
+        split; drawn for the whole global batch so that every data-parallel rank sees the
+        values a single process would."""
+        return {}
 
     def part_weight(self, key: str, pred, target) -> torch.Tensor | None:
         """An extra per-sample weight ``[B]`` for part ``key`` ("fm" | "distill"), or None.
         Computed from detached values (MeanFlow's adaptive weight overrides this)."""
         return None
 
-    def forward(self, flowmap: FlowMap, x1: torch.Tensor, generator: torch.Generator | None = None) -> LossOutput:
-        """The loss on a data batch ``x1`` ``[B, ...]``; randomness from ``generator``."""
+    def forward(self, flowmap: FlowMap, x1: torch.Tensor, generator: torch.Generator | None = None,
+                shard: Shard | None = None, global_batch: int | None = None) -> LossOutput:
+        """The loss on a data batch ``x1`` ``[B, ...]``; randomness from ``generator``.
+
+        Data-parallel use (:mod:`pyflowmap.distributed`): ``x1`` holds this rank's rows
+        ``shard.indices(global_batch)`` of a global batch; the noise, times and draws are made
+        for the whole global batch and sliced the same way, each part is averaged over its
+        global count and scaled by W, so DDP's gradient average equals one process's gradient
+        on the global batch."""
         if x1.dim() < 2:
             raise ValueError(f"x1 must be a batch [B, ...] with at least one feature dim, got {tuple(x1.shape)}")
         if x1.shape[0] == 0:
             raise ValueError("empty batch: x1 has batch size 0")
         if not x1.is_floating_point():
             raise TypeError(f"x1 must be floating point, got {x1.dtype}")
-        B, dev, dt = x1.shape[0], x1.device, x1.dtype
-        x0 = self.base.sample(x1.shape, generator=generator, device=dev, dtype=dt)
+        dev, dt = x1.device, x1.dtype
+        B = check_shard(shard, global_batch, x1.shape[0])
+        x0 = self.base.sample((B,) + tuple(x1.shape[1:]), generator=generator, device=dev, dtype=dt)
         s, t, n_diag = self.times.sample(B, generator=generator, device=dev, dtype=dt)
+        draws = self.draw_offdiag(B - n_diag, generator, dev, dt)
+        counts = {"fm": n_diag, "distill": B - n_diag}
+        if shard is not None:
+            idx = shard.indices(B, device=dev)
+            x0, s, t = x0[idx], s[idx], t[idx]
+            off = idx[shard.count(n_diag):] - n_diag
+            draws = {k: v[off] for k, v in draws.items()}
+            n_diag = shard.count(n_diag)
+        n = x1.shape[0]
 
         parts = []  # (name, pred, target, s, t)
         if n_diag > 0:
             x0d, x1d, td = x0[:n_diag], x1[:n_diag], t[:n_diag]
             xt = self.interpolant.interpolate(x0d, x1d, td)
             parts.append(("fm", flowmap.velocity(xt, td), self.diagonal_target(x0d, x1d, xt, td), td, td))
-        if n_diag < B:
+        if n_diag < n:
             so, to = s[n_diag:], t[n_diag:]
-            pred, target = self.offdiag_terms(flowmap, x0[n_diag:], x1[n_diag:], so, to, generator)
+            pred, target = self.offdiag_terms(flowmap, x0[n_diag:], x1[n_diag:], so, to, draws)
             parts.append(("distill", pred, target, so, to))
 
         loss, metrics, per_sample = x1.new_zeros(()), {}, []
@@ -125,6 +164,8 @@ class Objective(nn.Module):
                 part = part + w.mean()
             else:
                 part, per = residual_loss(pred, target, weight=extra)
+            if shard is not None:
+                part = part * shard.scale(per.shape[0], counts[key])
             loss = loss + part.to(loss.dtype)
             metrics[key] = per.detach().mean()
             per_sample.append(per)

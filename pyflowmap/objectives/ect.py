@@ -10,7 +10,8 @@ from torch import nn
 from pyflowmap.consistency import EDMConsistency
 from pyflowmap.interpolants import expand_time
 from pyflowmap.losses import residual_loss
-from pyflowmap.objectives.base import LossOutput
+from pyflowmap.distributed import Shard
+from pyflowmap.objectives.base import LossOutput, check_shard
 from pyflowmap.times import ECTSchedule
 
 
@@ -55,19 +56,32 @@ class ECT(nn.Module):
         return 0.00054 * math.sqrt(y[0].numel()) if self.c is None else float(self.c)
 
     def forward(self, model: EDMConsistency, y: torch.Tensor, generator: torch.Generator | None = None,
-                iteration: int = 0) -> LossOutput:
+                iteration: int = 0, shard: Shard | None = None, global_batch: int | None = None) -> LossOutput:
+        """The loss on ``y`` ``[B, ...]``; with ``shard``, ``y`` is this rank's rows of a global
+        batch (see :meth:`pyflowmap.objectives.Objective.forward`)."""
         if y.dim() < 2 or y.shape[0] == 0:
             raise ValueError(f"ECT: need a non-empty batch [B, ...], got {tuple(y.shape)}")
+        if not y.is_floating_point():
+            raise TypeError(f"ECT: y must be floating point, got {y.dtype}")
         if not torch.isfinite(y).all():
             raise ValueError("ECT: the data batch contains NaN or inf")
-        B, dev, dt = y.shape[0], y.device, y.dtype
+        if int(iteration) < 0:
+            raise ValueError(f"ECT: iteration must be >= 0, got {iteration}")
+        dev, dt = y.device, y.dtype
+        B = check_shard(shard, global_batch, y.shape[0])
         t = self.schedule.sample_t(B, generator=generator, device=dev, dtype=dt)
-        eps = torch.randn(y.shape, generator=generator, device=dev, dtype=dt)
+        eps = torch.randn((B,) + tuple(y.shape[1:]), generator=generator, device=dev, dtype=dt)
+        scale = 1.0
+        if shard is not None:
+            idx = shard.indices(B, device=dev)
+            t, eps = t[idx], eps[idx]
+            scale = shard.scale(y.shape[0], B)
         x_t = y + expand_time(t, y) * eps
         if self.pretrain:
             sd = model.path.sigma_data
             weight = (t**2 + sd**2) / (t * sd) ** 2
             loss, per = residual_loss(model(x_t, t), y, weight=weight)
+            loss = loss * scale
             return LossOutput(loss=loss, per_sample=per, n_diag=0,
                               metrics={"loss": loss.detach(), "denoise": per.detach().mean()})
         r = self.schedule.r(t, iteration)
@@ -86,6 +100,7 @@ class ECT(nn.Module):
                 target[live] = f_r[live]
         weight = 1.0 / (t - r)
         loss, per = residual_loss(pred, target, weight=weight, metric="pseudo_huber", c=self.huber_c(y))
+        loss = loss * scale
         return LossOutput(loss=loss, per_sample=per, n_diag=int(zero.sum()),
                           metrics={"loss": loss.detach(), "consistency": per.detach().mean(),
                                    "r_zero_fraction": zero.float().mean()})

@@ -28,7 +28,7 @@ class ESD(Objective):
         with torch.no_grad():
             return flowmap.velocity(xs, s)
 
-    def offdiag_terms(self, flowmap, x0, x1, s, t, generator=None):
+    def offdiag_terms(self, flowmap, x0, x1, s, t, draws=None):
         mode = self.mode(flowmap)
         xs = self.interpolant.interpolate(x0, x1, s)
         w = self.transport_velocity(flowmap, xs, s)

@@ -26,7 +26,7 @@ class LSD(Objective):
         with torch.no_grad():
             return flowmap.velocity(X.detach(), t)
 
-    def offdiag_terms(self, flowmap, x0, x1, s, t, generator=None):
+    def offdiag_terms(self, flowmap, x0, x1, s, t, draws=None):
         xs = self.interpolant.interpolate(x0, x1, s)
         X, dX_dt = self.mode(flowmap).jvp(flowmap, xs, s, t, t_dot=_ones(t), lazy=True)
         return dX_dt, self.teacher_velocity(flowmap, X, t)

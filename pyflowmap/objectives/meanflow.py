@@ -31,7 +31,7 @@ class MeanFlow(Objective):
             raise ValueError(f"MeanFlow: need adaptive_p >= 0 and adaptive_eps > 0, got {adaptive_p}, {adaptive_eps}")
         self.adaptive_p, self.adaptive_eps = adaptive_p, adaptive_eps
 
-    def offdiag_terms(self, flowmap, x0, x1, s, t, generator=None):
+    def offdiag_terms(self, flowmap, x0, x1, s, t, draws=None):
         xs = self.interpolant.interpolate(x0, x1, s)
         d_i = self.interpolant.velocity_target(x0, x1, s)
         v, dv = self.mode(flowmap).jvp(flowmap, xs, s, t, x_dot=d_i, s_dot=torch.ones_like(s), output="velocity")

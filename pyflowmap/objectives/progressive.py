@@ -42,8 +42,11 @@ class PSD(Objective):
     def jump_teacher(self, flowmap):
         return flowmap
 
-    def offdiag_terms(self, flowmap, x0, x1, s, t, generator=None):
-        g = psd_gamma(s.shape[0], self.gamma, generator=generator, device=s.device, dtype=s.dtype)
+    def draw_offdiag(self, n, generator, device, dtype):
+        return {"g": psd_gamma(n, self.gamma, generator=generator, device=device, dtype=dtype)}
+
+    def offdiag_terms(self, flowmap, x0, x1, s, t, draws=None):
+        g = draws["g"] if draws else psd_gamma(s.shape[0], self.gamma, device=s.device, dtype=s.dtype)
         u = intermediate_time(s, t, g)
         xs = self.interpolant.interpolate(x0, x1, s)
         pred = flowmap.velocity_field(xs, s, t)

@@ -1,0 +1,159 @@
+"""Data-parallel training on PyTorch's own engine (torchrun + DDP, or FSDP2).
+
+The design that makes N processes train the same run as one process:
+
+* every rank draws the randomness of the *global* batch (data indices, base noise, times, PSD
+  splits, ECT noise) from the same ``torch.Generator`` and keeps only its rows,
+  :meth:`Shard.indices` (rank, rank + W, ...): the diagonal and off-diagonal parts split
+  evenly, and the drawn batch does not depend on the number of processes;
+* each part's mean is taken over the part's *global* count, and the local loss is scaled by W
+  so that DDP's gradient average is the gradient of the global batch's loss;
+* the whole loss (every network evaluation, JVP and teacher call of one step) runs inside ONE
+  forward of a :class:`LossModule` that DDP or FSDP2 wraps, so parameter gradients are
+  synchronized once per step whatever the objective does inside, including torch.func.jvp
+  (the JVP traces the inner network, never the DDP wrapper, so nothing of DDP is transformed).
+
+Dropout is the only per-rank randomness: the global torch RNG is seeded per rank (rank 0 keeps
+the single-process stream), and every rank's RNG state is saved in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a global batch: rows ``rank, rank + world, ...``."""
+
+    rank: int
+    world: int
+
+    def __post_init__(self):
+        if self.world < 1 or not 0 <= self.rank < self.world:
+            raise ValueError(f"Shard: need 0 <= rank < world, got rank={self.rank}, world={self.world}")
+
+    def indices(self, n: int, device=None) -> torch.Tensor:
+        return torch.arange(self.rank, n, self.world, device=device)
+
+    def count(self, n: int, start: int = 0) -> int:
+        """How many of the global rows ``start .. n-1`` are this rank's."""
+        return len(range(self.rank, n, self.world)) - len(range(self.rank, start, self.world))
+
+    def scale(self, n_local: int, n_global: int) -> float:
+        """Turns a local mean over ``n_local`` rows into this rank's share of the global mean
+        over ``n_global`` rows, times W (DDP averages gradients over ranks)."""
+        return self.world * n_local / n_global if n_global else 0.0
+
+
+def current_shard() -> Shard | None:
+    """The shard of the initialized default process group, or None when not distributed."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return Shard(dist.get_rank(), dist.get_world_size())
+    return None
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """True on the process that writes files (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if current_shard() is not None:
+        dist.barrier()
+
+
+def init_from_env(device: str = "cpu") -> Shard | None:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1 in the environment):
+    gloo for CPU runs, nccl for CUDA; a CUDA run uses ``cuda:LOCAL_RANK``. Returns the shard,
+    or None for a plain single-process launch. Idempotent."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not dist.is_initialized():
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return current_shard()
+
+
+def local_device(device: str) -> torch.device:
+    """``cuda`` becomes this process's ``cuda:LOCAL_RANK`` under torchrun."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None and current_shard() is not None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return d
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """The AND of ``flag`` over ranks, so that every rank skips the same steps (a rank that
+    skipped backward alone would leave the others waiting in DDP's all-reduce forever)."""
+    if current_shard() is None:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Averages logged scalars over ranks (the loss is then the global batch's loss)."""
+    if current_shard() is None or not values:
+        return values
+    keys = sorted(values)
+    t = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.unbind()))
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` on every rank (small Python values such as RNG states)."""
+    if current_shard() is None:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank_seed(seed: int, r: int) -> int:
+    """Rank 0 keeps ``seed`` (a one-process run is the W = 1 case); others get distinct streams."""
+    return seed if r == 0 else (seed * 1_000_003 + 7_919 * r) % (2**63 - 1)
+
+
+class LossModule(nn.Module):
+    """Holds the trained modules and computes one step's loss in ``forward``, so that a single
+    DDP / FSDP2 forward spans every network call of the step. ``compute`` returns a
+    :class:`~pyflowmap.objectives.LossOutput`; the forward returns ``(loss, metrics)``."""
+
+    def __init__(self, model: nn.Module, objective: nn.Module, compute: Callable):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self._compute = compute
+
+    def forward(self):
+        out = self._compute()
+        return out.loss, out.metrics
+
+
+def wrap_ddp(model: nn.Module, objective: nn.Module, compute: Callable, device: torch.device):
+    """The step's :class:`LossModule` inside DistributedDataParallel."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    module = LossModule(model, objective, compute)
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(module, device_ids=ids)
+
+
+__all__ = ["Shard", "current_shard", "init_from_env", "is_main", "rank", "barrier", "all_true",
+           "mean_over_ranks", "gather_objects", "rank_seed", "LossModule", "wrap_ddp", "local_device"]

@@ -1,0 +1,147 @@
+"""Data-parallel training (gloo, CPU): W processes train the same run as one process on the
+same global batch, for every objective and derivative mode, and torchrun drives the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pyflowmap.distributed import Shard
+from tests.ddp_jobs import JOBS_2D, JOBS_IMAGE, TINY_IMAGE, free_port, job_name, run_jobs, worker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# float32 all-reduce sums the ranks' gradients in another order than one process's backward:
+# a few ulps per step, through a handful of Adam steps
+ATOL, RTOL = 2e-5, 2e-4
+
+
+def _spawn(world, jobs, data_path="", teacher="", out=None):
+    mp.start_processes(worker, args=(world, free_port(), jobs, data_path, teacher, str(out)), nprocs=world,
+                       join=True, start_method="spawn")
+    return torch.load(out)
+
+
+def _assert_same(multi, single):
+    assert multi.keys() == single.keys()
+    for name in single:
+        for part in ("model", "ema", "objective"):
+            for k, v in single[name][part].items():
+                torch.testing.assert_close(multi[name][part][k], v, atol=ATOL, rtol=RTOL,
+                                           msg=lambda m, name=name, part=part, k=k: f"{name} {part}.{k}: {m}")
+        assert multi[name]["losses"] == pytest.approx(single[name]["losses"], rel=1e-4, abs=1e-5), name
+        # the comparison can fail: training moved the weights far beyond the tolerance
+        moved = max((single[name]["model"][k] - v).abs().max().item() for k, v in single[name]["init"].items())
+        assert moved > 100 * ATOL, f"{name}: training did not change the model"
+
+
+def _single(jobs, **kw):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_jobs(jobs, **kw)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_shard_rows_split_the_batch_and_the_parts():
+    sh = [Shard(r, 3) for r in range(3)]
+    rows = torch.cat([s.indices(10) for s in sh]).sort().values
+    assert rows.tolist() == list(range(10))
+    assert [s.count(10) for s in sh] == [4, 3, 3]
+    assert [s.count(10, start=7) for s in sh] == [1, 1, 1]
+    with pytest.raises(ValueError, match="rank"):
+        Shard(3, 3)
+
+
+def test_ddp_two_processes_equal_one_process_2d(tmp_path):
+    jobs = [("2d", obj, mode, extra) for obj, mode, extra in JOBS_2D]
+    multi = _spawn(2, jobs, out=tmp_path / "multi.pt")
+    _assert_same(multi, _single(jobs))
+
+
+@pytest.fixture(scope="module")
+def image_setup(tmp_path_factory):
+    pytest.importorskip("sklearn")
+    from pyflowmap.images.data import load_dataset
+    from pyflowmap.images.train import ImageConfig, ImageTrainer
+
+    root = tmp_path_factory.mktemp("ddp-images")
+    data = load_dataset("digits")[0][:256].clone()
+    torch.save(data, root / "data.pt")
+    teacher = root / "teacher"
+    ImageTrainer(ImageConfig(objective="fm", **{**TINY_IMAGE, "steps": 5}), out_dir=teacher, progress=False,
+                 data=data).fit()
+    return root, data, str(teacher)
+
+
+def test_ddp_two_processes_equal_one_process_images(image_setup, tmp_path):
+    root, data, teacher = image_setup
+    jobs = [("image", obj, mode, extra) for obj, mode, extra in JOBS_IMAGE]
+    multi = _spawn(2, jobs, data_path=str(root / "data.pt"), teacher=teacher, out=tmp_path / "multi.pt")
+    _assert_same(multi, _single(jobs, data=data, teacher=teacher))
+
+
+def test_objective_shards_sum_to_the_global_loss():
+    """Without processes: the ranks' scaled local losses average to the one-process loss, for
+    every part split (the diagonal count not divisible by W included)."""
+    from pyflowmap.flowmap import FlowMap
+    from pyflowmap.nn.mlp import FlowMapMLP
+    from pyflowmap.objectives import make_objective
+    from pyflowmap.objectives.weighting import LearnedWeighting
+
+    torch.manual_seed(0)
+    fm = FlowMap(FlowMapMLP(dim=2, hidden=16, depth=2, emb_dim=8)).double()
+    x1 = torch.randn(11, 2, dtype=torch.float64)
+    for name in ("lsd", "psd-u", "meanflow"):
+        obj = make_objective(name, weighting=LearnedWeighting(8, 16).double() if name == "lsd" else None)
+        full = obj(fm, x1, generator=torch.Generator().manual_seed(3)).loss
+        for world in (1, 2, 3, 4):
+            parts = []
+            for r in range(world):
+                sh = Shard(r, world)
+                out = obj(fm, x1[sh.indices(11)], generator=torch.Generator().manual_seed(3), shard=sh, global_batch=11)
+                parts.append(out.loss)
+            torch.testing.assert_close(torch.stack(parts).mean(), full, rtol=1e-12, atol=1e-12, msg=f"{name} W={world}")
+    with pytest.raises(ValueError, match="owns 6 rows"):
+        obj(fm, x1[:5], shard=Shard(0, 2), global_batch=11)
+    with pytest.raises(ValueError, match="global_batch"):
+        obj(fm, x1, shard=Shard(0, 2))
+
+
+def test_torchrun_cli_matches_one_process_and_resumes_on_another_world_size(tmp_path):
+    """``torchrun --nproc-per-node 2 -m pyflowmap train``: rank 0 alone writes, the result
+    equals a one-process run, and the 2-process checkpoint continues in one process."""
+    args = ["train", "--objective", "lsd", "--derivative", "dual", "--hidden", "32", "--depth", "2",
+            "--emb-dim", "8", "--batch", "16", "--steps", "6", "--ckpt-every", "3", "--log-every", "3",
+            "--lr-decay-after", "0", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    two, one = tmp_path / "two", tmp_path / "one"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "pyflowmap", *args, "--out", str(two)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("trained 6 steps") == 1, r.stdout  # rank 0 alone reports
+    r = subprocess.run([sys.executable, "-m", "pyflowmap", *args, "--out", str(one)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = torch.load(two / "checkpoint.pt", weights_only=False), torch.load(one / "checkpoint.pt", weights_only=False)
+    assert len(a["rank_rng"]) == 2 and len(b["rank_rng"]) == 1
+    for k, v in b["model"].items():
+        torch.testing.assert_close(a["model"][k], v, atol=ATOL, rtol=RTOL)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert json.loads((two / "config.json").read_text()) == json.loads((one / "config.json").read_text())
+    # continue the 2-process run in one process: same data stream, so it still tracks the other
+    r = subprocess.run([sys.executable, "-m", "pyflowmap", "train", "--resume", "--out", str(two), "--steps", "9",
+                        "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "pyflowmap", "train", "--resume", "--out", str(one), "--steps", "9",
+                        "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = torch.load(two / "checkpoint.pt", weights_only=False), torch.load(one / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 9
+    for k, v in b["model"].items():
+        torch.testing.assert_close(a["model"][k], v, atol=ATOL, rtol=RTOL)
