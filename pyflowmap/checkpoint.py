@@ -77,4 +77,6 @@ def load_weights(path: str | os.PathLike, device="cpu") -> tuple[dict, dict]:
 def all_finite(module: torch.nn.Module) -> bool:
     """True when every floating parameter and buffer of ``module`` is finite."""
     tensors = list(module.parameters()) + list(module.buffers())
+    # an FSDP2 parameter is checked on this rank's shard (the trainer ANDs over ranks)
+    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())

@@ -155,5 +155,49 @@ def wrap_ddp(model: nn.Module, objective: nn.Module, compute: Callable, device: 
     return DDP(module, device_ids=ids)
 
 
-__all__ = ["Shard", "current_shard", "init_from_env", "is_main", "rank", "barrier", "all_true",
+def fsdp_blocks(model: nn.Module) -> list[nn.Module]:
+    """The units FSDP2 shards one by one: every module that declares ``fsdp_unit = True``
+    (the UNet's residual and attention blocks); the rest stays in the root unit."""
+    return [m for m in model.modules() if getattr(m, "fsdp_unit", False)]
+
+
+def wrap_fsdp(model: nn.Module, objective: nn.Module, compute: Callable):
+    """FSDP2 (``fully_shard``): each block of ``model`` is its own unit, gathered just before
+    it runs and freed after, with its ``dual`` (explicit-tangent) method registered as a
+    forward so the tangent pass gathers it too; the root unit (stem, embeddings, head and any
+    frozen teacher inside ``objective``) wraps the step's :class:`LossModule`. Parameters,
+    gradients and optimizer state are sharded over ranks; gradients are averaged like DDP's."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for block in fsdp_blocks(model):
+        fully_shard(block)
+        if hasattr(block, "dual"):
+            register_fsdp_forward_method(block, "dual")
+    module = LossModule(model, objective, compute)
+    fully_shard(module)
+    return module
+
+
+def is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a collective), or ``t`` itself."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) laid out like ``ref``: sharded the same way when ``ref`` is
+    an FSDP2 DTensor, else unchanged."""
+    if not is_dtensor(ref):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
+
+
+__all__ = ["fsdp_blocks", "wrap_fsdp", "full", "like", "is_dtensor", "Shard", "current_shard", "init_from_env", "is_main", "rank", "barrier", "all_true",
            "mean_over_ranks", "gather_objects", "rank_seed", "LossModule", "wrap_ddp", "local_device"]

@@ -53,19 +53,34 @@ class TrainerBase:
     format: str = ""
     resume_overrides = ("steps", "ckpt_every", "log_every", "device", "max_bad_steps")
 
+    def _parallelize(self) -> None:
+        """Under torchrun: wrap the step in DDP, or in FSDP2 when ``cfg.fsdp``. Subclasses call
+        it after building model, EMA and objective and before the optimizer (FSDP2 replaces
+        the parameters by their shards). A one-process run is left as it is."""
+        self.shard = dist_.current_shard()
+        self.parallel = None
+        self._ema_shards = None
+        if self.shard is None:
+            return
+        if self.cfg.batch % self.shard.world:
+            raise ValueError(f"batch={self.cfg.batch} must be divisible by the {self.shard.world} processes "
+                             "(each rank trains an equal share of the global batch)")
+        # dropout is the only per-rank randomness; rank 0 keeps the one-process stream
+        if self.shard.rank > 0:
+            torch.manual_seed(dist_.rank_seed(self.cfg.seed, self.shard.rank))
+        compute = lambda: self.loss_output()  # noqa: E731  (late-bound: subclasses and tests may replace it)
+        if getattr(self.cfg, "fsdp", False):
+            self.parallel = dist_.wrap_fsdp(self.model, self.objective, compute)
+            # each rank keeps the EMA of its own shard only
+            self._ema_shards = [p.to_local().detach().clone() for p in self.model.parameters()]
+        else:
+            self.parallel = dist_.wrap_ddp(self.model, self.objective, compute, self.device)
+
     def _start(self, out_dir, progress: bool) -> None:
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.shard = dist_.current_shard()
+        if not hasattr(self, "shard"):
+            self._parallelize()
         self.progress = progress and dist_.is_main()
-        self.ddp = None
-        if self.shard is not None:
-            if self.cfg.batch % self.shard.world:
-                raise ValueError(f"batch={self.cfg.batch} must be divisible by the {self.shard.world} processes "
-                                 "(each rank trains an equal share of the global batch)")
-            # dropout is the only per-rank randomness; rank 0 keeps the one-process stream
-            if self.shard.rank > 0:
-                torch.manual_seed(dist_.rank_seed(self.cfg.seed, self.shard.rank))
-            self.ddp = dist_.wrap_ddp(self.model, self.objective, self.loss_output, self.device)
         self.step = 0
         self.bad_steps = 0
         self.skipped = 0
@@ -97,8 +112,8 @@ class TrainerBase:
     def train_step(self) -> dict | None:
         """One optimizer step; returns the step's scalars, or None if it was skipped."""
         cfg = self.cfg
-        if self.ddp is not None:
-            loss, metrics = self.ddp()  # one DDP forward spans every network call of the step
+        if self.parallel is not None:
+            loss, metrics = self.parallel()  # one DDP / FSDP2 forward spans every network call of the step
         else:
             out = self.loss_output()
             loss, metrics = out.loss, out.metrics
@@ -109,7 +124,7 @@ class TrainerBase:
         if finite:
             loss.backward()
             # gradients are already averaged over ranks, so every rank clips alike
-            gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            gnorm = dist_.full(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
             finite = bool(torch.isfinite(gnorm))
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
@@ -132,10 +147,43 @@ class TrainerBase:
     @torch.no_grad()
     def _update_ema(self):
         d = self.ema_decay()
-        ema_p = list(self.ema.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in self.model.parameters()], 1 - d)
+        if self._ema_shards is not None:
+            torch._foreach_lerp_(self._ema_shards, [p.detach().to_local() for p in self.model.parameters()], 1 - d)
+        else:
+            torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.model.parameters()], 1 - d)
         for eb, b in zip(self.ema.buffers(), self.model.buffers()):
             eb.copy_(b)
+
+    @torch.no_grad()
+    def _gather_ema(self) -> None:
+        """Under FSDP2: assemble the whole EMA module from the ranks' shards (a collective)."""
+        if self._ema_shards is None:
+            return
+        from torch.distributed.tensor import DTensor
+
+        for (name, p), local in zip(self.model.named_parameters(), self._ema_shards):
+            whole = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            self.ema.get_parameter(name).copy_(whole.full_tensor())
+
+    def _full_optimizer_state(self) -> dict:
+        """The optimizer state with whole tensors: the same checkpoint whether or not FSDP2
+        sharded it, so a run can resume with or without FSDP2 and on any number of ranks."""
+        sd = self.optimizer.state_dict()
+        if self._ema_shards is None:
+            return sd
+        sd["state"] = {i: {k: dist_.full(v) for k, v in st.items()} for i, st in sd["state"].items()}
+        return sd
+
+    def _load_optimizer_state(self, sd: dict) -> None:
+        if self._ema_shards is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            sd = {**sd, "state": {i: {k: dist_.like(v, params[int(i)]) if isinstance(v, torch.Tensor) and v.dim() else v
+                                      for k, v in st.items()} for i, st in sd["state"].items()}}
+        self.optimizer.load_state_dict(sd)
+
+    def _finite(self) -> bool:
+        return dist_.all_true(all_finite(self.model) and all_finite(self.ema)
+                              and all(bool(torch.isfinite(t).all()) for t in self._ema_shards or []), self.device)
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, steps: int | None = None, stop_after: int | None = None):
@@ -169,20 +217,23 @@ class TrainerBase:
         self.train_seconds += time.perf_counter() - t0
         if self.out_dir is not None:
             self.save()
+        self._gather_ema()
         return self
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Whole tensors only (a collective under torchrun: every rank calls it together)."""
+        self._gather_ema()
         return {
             "format": self.format,
             "config": self.cfg.to_dict(),
             "step": self.step,
             "skipped": self.skipped,
             "train_seconds": self.train_seconds,
-            "model": self.model.state_dict(),
+            "model": {k: dist_.full(v) for k, v in self.model.state_dict().items()},
             "ema": self.ema.state_dict(),
-            "objective": self.objective.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "objective": {k: dist_.full(v) for k, v in self.objective.state_dict().items()},
+            "optimizer": self._full_optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -196,10 +247,17 @@ class TrainerBase:
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != self.format:
             raise ValueError(f"checkpoint format {state.get('format')!r} is not {self.format!r}")
-        self.model.load_state_dict(state["model"])
+        current = self.model.state_dict()
+        self.model.load_state_dict({k: dist_.like(v, current[k]) if k in current else v
+                                    for k, v in state["model"].items()})
         self.ema.load_state_dict(state["ema"])
-        self.objective.load_state_dict(state["objective"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self._ema_shards is not None:
+            ema = self.ema.state_dict()
+            self._ema_shards = [dist_.like(ema[n], p).to_local().clone() for n, p in self.model.named_parameters()]
+        current = self.objective.state_dict()
+        self.objective.load_state_dict({k: dist_.like(v, current[k]) if k in current else v
+                                        for k, v in state["objective"].items()})
+        self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         self._set_rank_rng(state)
@@ -237,7 +295,7 @@ class TrainerBase:
         is installed) atomically, unless the model or EMA holds a non-finite value."""
         if self.out_dir is None:
             raise ValueError("Trainer has no out_dir to save to")
-        if not (all_finite(self.model) and all_finite(self.ema)):  # identical on every rank
+        if not self._finite():  # decided over all ranks
             import warnings
 
             warnings.warn("non-finite parameters: checkpoint NOT written, the previous one is kept")
@@ -304,6 +362,7 @@ class Trainer(TrainerBase):
         self.model = build_model(cfg, self.data_std).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.objective = build_objective(cfg, self.model, self.base).to(self.device)
+        self._parallelize()
         self.params = [p for p in list(self.model.parameters()) + list(self.objective.parameters())
                        if p.requires_grad]
         self.optimizer = torch.optim.RAdam(self.params, lr=cfg.lr)

@@ -3,6 +3,7 @@ on the same global batch. Importable by spawned workers (no pytest fixtures here
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from pathlib import Path
@@ -24,6 +25,14 @@ JOBS_2D = [("fm", "auto", {})] + [
 # and the UNet with attention in the dual and jvp modes
 JOBS_IMAGE = [("ect-pretrain", "auto", {}), ("ect", "auto", {}), ("lmd", "dual", {}), ("emd", "jvp", {}),
               ("pfmm", "auto", {}), ("lsd", "jvp", {}), ("meanflow", "dual", {})]
+# checkpoint round trips under DDP and FSDP2 (whole-tensor optimizer state), and a step
+# whose loss is NaN on one rank only: every rank must skip it together, nobody hangs
+JOBS_RESUME = [("lsd", "dual", {"_resume_at": 2}), ("lsd", "dual", {"fsdp": True, "_resume_at": 2}),
+               ("meanflow", "jvp", {"_poison_rank": 1}), ("lsd", "dual", {"fsdp": True, "_poison_rank": 1})]
+# FSDP2: the dual image models, blockwise sharded
+JOBS_FSDP = [("lsd", "dual", {"fsdp": True}), ("esd", "dual", {"fsdp": True}), ("meanflow", "dual", {"fsdp": True}),
+             ("ect", "auto", {"fsdp": True}), ("lmd", "dual", {"fsdp": True}), ("psd-m", "auto", {"fsdp": True}),
+             ("lsd", "jvp", {"fsdp": True}), ("lsd", "fd", {"fsdp": True})]
 
 
 def job_name(kind, obj, mode, extra) -> str:
@@ -31,27 +40,61 @@ def job_name(kind, obj, mode, extra) -> str:
     return f"{kind}-{obj}-{mode}" + (f"-{tail}" if tail else "")
 
 
-def build(kind, obj, mode, extra, data=None, teacher=""):
+def build(kind, obj, mode, extra, data=None, teacher="", out_dir=None):
     if kind == "2d":
         from pyflowmap.config import TrainConfig
         from pyflowmap.train import Trainer
 
-        return Trainer(TrainConfig(objective=obj, derivative=mode, **TINY_2D, **extra), progress=False)
+        return Trainer(TrainConfig(objective=obj, derivative=mode, **TINY_2D, **extra), out_dir=out_dir, progress=False)
     from pyflowmap.images.train import ImageConfig, ImageTrainer
 
     cfg = ImageConfig(objective=obj, derivative=mode, teacher=teacher if obj in ("lmd", "emd", "pfmm") else "",
                       **TINY_IMAGE, **extra)
-    return ImageTrainer(cfg, progress=False, data=data)
+    return ImageTrainer(cfg, out_dir=out_dir, progress=False, data=data)
+
+
+def _whole(sd):
+    from pyflowmap.distributed import full
+
+    return {k: full(v).detach().clone() for k, v in sd.items()}
 
 
 def result(trainer) -> dict:
-    return {"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-            "ema": {k: v.detach().clone() for k, v in trainer.ema.state_dict().items()},
-            "objective": {k: v.detach().clone() for k, v in trainer.objective.state_dict().items()},
-            "losses": [row["loss"] for row in trainer.history]}
+    """Whole tensors (FSDP2 shards gathered: a collective, every rank calls it)."""
+    return {"model": _whole(trainer.model.state_dict()), "ema": _whole(trainer.ema.state_dict()),
+            "objective": _whole(trainer.objective.state_dict()), "losses": [row["loss"] for row in trainer.history],
+            "skipped": trainer.skipped}
 
 
-def run_jobs(jobs, data=None, teacher="") -> dict:
+def _run(kind, obj, mode, extra, data, teacher, work_dir):
+    """Control keys in ``extra``: ``_resume_at`` trains to that step, saves, and continues from
+    the checkpoint in a new trainer; ``_poison_rank`` makes that rank's loss NaN at step 1."""
+    control = {k: v for k, v in extra.items() if k.startswith("_")}
+    cfg_extra = {k: v for k, v in extra.items() if not k.startswith("_")}
+    out_dir = Path(work_dir) / job_name(kind, obj, mode, extra) if work_dir else None
+    trainer = build(kind, obj, mode, cfg_extra, data=data, teacher=teacher, out_dir=out_dir)
+    init = _whole(trainer.model.state_dict())
+    poison = control.get("_poison_rank")
+    if poison is not None:
+        from pyflowmap.distributed import rank
+
+        step = trainer.loss_output
+
+        def poisoned():
+            out = step()
+            if trainer.step == 1 and rank() == poison:
+                out.loss = out.loss * float("nan")
+            return out
+
+        trainer.loss_output = poisoned
+    if "_resume_at" in control:
+        trainer.fit(steps=control["_resume_at"])
+        trainer = type(trainer).resume(out_dir, progress=False, **({"data": data} if kind == "image" else {}))
+    trainer.fit()
+    return {**result(trainer), "init": init}
+
+
+def run_jobs(jobs, data=None, teacher="", work_dir=None) -> dict:
     """Image jobs run in float64: their UNet has biases right before a GroupNorm, whose true
     gradient is 0, so in float32 Adam turns the rounding noise of either reduction order into
     lr-sized steps of either sign; float64 leaves the comparison to the parts that matter."""
@@ -61,13 +104,10 @@ def run_jobs(jobs, data=None, teacher="") -> dict:
         if kind == "image":
             torch.set_default_dtype(torch.float64)
         try:
-            trainer = build(kind, obj, mode, extra, data=None if data is None else data.to(torch.get_default_dtype()),
-                            teacher=teacher)
-            init = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-            trainer.fit()
+            out[job_name(kind, obj, mode, extra)] = _run(
+                kind, obj, mode, extra, None if data is None else data.to(torch.get_default_dtype()), teacher, work_dir)
         finally:
             torch.set_default_dtype(default)
-        out[job_name(kind, obj, mode, extra)] = {**result(trainer), "init": init}
     return out
 
 
@@ -77,16 +117,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank: int, world: int, port: int, jobs, data_path: str, teacher: str, out_path: str) -> None:
+def worker(rank: int, world: int, port: int, jobs, data_path: str, teacher: str, out_path: str,
+           work_dir: str = "") -> None:
     """One gloo rank: runs every job; rank 0 saves the results."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a collective that never completes (a rank skipping a step alone) fails the test in 2
+    # minutes instead of hanging it
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         data = torch.load(data_path) if data_path else None
-        res = run_jobs(jobs, data=data, teacher=teacher)
+        res = run_jobs(jobs, data=data, teacher=teacher, work_dir=work_dir or None)
         if rank == 0:
             torch.save(res, Path(out_path))
     finally:

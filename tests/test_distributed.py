@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pyflowmap.distributed import Shard
-from tests.ddp_jobs import JOBS_2D, JOBS_IMAGE, TINY_IMAGE, free_port, job_name, run_jobs, worker
+from tests.ddp_jobs import JOBS_2D, JOBS_FSDP, JOBS_IMAGE, JOBS_RESUME, TINY_IMAGE, free_port, job_name, run_jobs, worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # float32 all-reduce sums the ranks' gradients in another order than one process's backward:
@@ -19,9 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL, RTOL = 2e-5, 2e-4
 
 
-def _spawn(world, jobs, data_path="", teacher="", out=None):
-    mp.start_processes(worker, args=(world, free_port(), jobs, data_path, teacher, str(out)), nprocs=world,
-                       join=True, start_method="spawn")
+def _spawn(world, jobs, data_path="", teacher="", out=None, work_dir=""):
+    mp.start_processes(worker, args=(world, free_port(), jobs, data_path, teacher, str(out), str(work_dir)),
+                       nprocs=world, join=True, start_method="spawn")
     return torch.load(out)
 
 
@@ -85,6 +85,32 @@ def test_ddp_two_processes_equal_one_process_images(image_setup, tmp_path):
     _assert_same(multi, _single(jobs, data=data, teacher=teacher))
 
 
+def test_fsdp2_two_processes_equal_one_process_images(image_setup, tmp_path):
+    root, data, teacher = image_setup
+    jobs = [("image", obj, mode, extra) for obj, mode, extra in JOBS_FSDP]
+    multi = _spawn(2, jobs, data_path=str(root / "data.pt"), teacher=teacher, out=tmp_path / "multi.pt")
+    _assert_same(multi, _single(jobs, data=data, teacher=teacher))
+
+
+def test_resume_and_one_rank_nan_under_ddp_and_fsdp2(image_setup, tmp_path):
+    """A 2-process run checkpointed at step 2 and resumed in new trainers (DDP and FSDP2) ends
+    where one uninterrupted process ends; a NaN loss on rank 1 alone is skipped by both ranks."""
+    root, data, teacher = image_setup
+    jobs = [("image", obj, mode, extra) for obj, mode, extra in JOBS_RESUME]
+    multi = _spawn(2, jobs, data_path=str(root / "data.pt"), teacher=teacher, out=tmp_path / "multi.pt",
+                   work_dir=tmp_path / "runs")
+    plain = [(k, o, m, {key: v for key, v in e.items() if key != "_poison_rank"}) for k, o, m, e in jobs]
+    single = _single(plain, data=data, teacher=teacher, work_dir=tmp_path / "one")
+    poisoned = [job_name(*j) for j in jobs if "_poison_rank" in j[3]]
+    for j, p in zip(jobs, plain):
+        name = job_name(*j)
+        if name in poisoned:
+            assert multi[name]["skipped"] == 1, name
+            assert len(multi[name]["losses"]) == len(single[job_name(*p)]["losses"]) - 1
+        else:
+            _assert_same({name: multi[name]}, {name: single[name]})
+
+
 def test_objective_shards_sum_to_the_global_loss():
     """Without processes: the ranks' scaled local losses average to the one-process loss, for
     every part split (the diagonal count not divisible by W included)."""
@@ -95,7 +121,7 @@ def test_objective_shards_sum_to_the_global_loss():
 
     torch.manual_seed(0)
     fm = FlowMap(FlowMapMLP(dim=2, hidden=16, depth=2, emb_dim=8)).double()
-    x1 = torch.randn(11, 2, dtype=torch.float64)
+    x1 = torch.randn(13, 2, dtype=torch.float64)  # 9 diagonal + 4 off-diagonal samples
     for name in ("lsd", "psd-u", "meanflow"):
         obj = make_objective(name, weighting=LearnedWeighting(8, 16).double() if name == "lsd" else None)
         full = obj(fm, x1, generator=torch.Generator().manual_seed(3)).loss
@@ -103,11 +129,13 @@ def test_objective_shards_sum_to_the_global_loss():
             parts = []
             for r in range(world):
                 sh = Shard(r, world)
-                out = obj(fm, x1[sh.indices(11)], generator=torch.Generator().manual_seed(3), shard=sh, global_batch=11)
+                out = obj(fm, x1[sh.indices(13)], generator=torch.Generator().manual_seed(3), shard=sh, global_batch=13)
                 parts.append(out.loss)
             torch.testing.assert_close(torch.stack(parts).mean(), full, rtol=1e-12, atol=1e-12, msg=f"{name} W={world}")
-    with pytest.raises(ValueError, match="owns 6 rows"):
-        obj(fm, x1[:5], shard=Shard(0, 2), global_batch=11)
+    with pytest.raises(ValueError, match="owns 7 rows"):
+        obj(fm, x1[:5], shard=Shard(0, 2), global_batch=13)
+    with pytest.raises(ValueError, match="'distill' part has 4 of 13 samples, fewer than the 5"):
+        obj(fm, x1[Shard(0, 5).indices(13)], shard=Shard(0, 5), global_batch=13)
     with pytest.raises(ValueError, match="global_batch"):
         obj(fm, x1, shard=Shard(0, 2))
 

@@ -66,6 +66,7 @@ class ImageConfig(ConfigBase):
     ckpt_every: int = 200
     log_every: int = 25
     max_bad_steps: int = 50
+    fsdp: bool = False  # under torchrun: FSDP2 (sharded parameters, gradients, optimizer state), else DDP
 
     def __post_init__(self):
         if self.objective in CONSISTENCY and self.ect_stage == 0 and self.steps >= 1:
@@ -148,6 +149,8 @@ class ImageTrainer(TrainerBase):
 
     config_cls = ImageConfig
     format = "pyflowmap-image-v1"
+    # checkpoints hold whole tensors, so a run may resume with or without FSDP2
+    resume_overrides = TrainerBase.resume_overrides + ("fsdp",)
 
     def __init__(self, cfg: ImageConfig, out_dir: str | Path | None = None, progress: bool = True,
                  data: torch.Tensor | None = None):
@@ -170,6 +173,7 @@ class ImageTrainer(TrainerBase):
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.base = GaussianBase(1.0)
         self.objective = self._build_objective().to(self.device)
+        self._parallelize()
         self.params = [p for p in list(self.model.parameters()) + list(self.objective.parameters())
                        if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)

@@ -21,6 +21,8 @@ class ResBlock(DualModule):
     the RNG state in between (ECT's x_t and x_r passes) share it.
     """
 
+    fsdp_unit = True  # FSDP2 shards each block on its own (pyflowmap.distributed.wrap_fsdp)
+
     def __init__(self, cin: int, cout: int, cond_dim: int, groups: int = 8, dropout: float = 0.0):
         super().__init__()
         if not 0 <= dropout < 1:
@@ -53,6 +55,8 @@ class ResBlock(DualModule):
 
 class AttnBlock(DualModule):
     """GroupNorm -> self-attention over the H*W tokens -> residual."""
+
+    fsdp_unit = True  # FSDP2 shards each block on its own (pyflowmap.distributed.wrap_fsdp)
 
     def __init__(self, ch: int, heads: int = 4, groups: int = 8):
         super().__init__()

@@ -135,6 +135,11 @@ class Objective(nn.Module):
         draws = self.draw_offdiag(B - n_diag, generator, dev, dt)
         counts = {"fm": n_diag, "distill": B - n_diag}
         if shard is not None:
+            for key, count in counts.items():
+                # every rank must run the same network calls (FSDP2 gathers weights per call)
+                if 0 < count < shard.world:
+                    raise ValueError(f"the {key!r} part has {count} of {B} samples, fewer than the {shard.world} "
+                                     "processes: raise the batch or move diag_fraction away from 0 and 1")
             idx = shard.indices(B, device=dev)
             x0, s, t = x0[idx], s[idx], t[idx]
             off = idx[shard.count(n_diag):] - n_diag

@@ -90,7 +90,8 @@ class ECT(nn.Module):
         with torch.no_grad():
             zero = r == 0
             target = y.clone()
-            if not bool(zero.all()):
+            # sharded, every rank runs the same network calls (FSDP2 gathers per call)
+            if shard is not None or not bool(zero.all()):
                 _set_rng_state(dev, rng)  # same dropout mask as the t pass
                 live = ~zero
                 # every sample goes through the network so the mask lines up with the t pass;
