@@ -79,7 +79,20 @@ class FlowMap(nn.Module):
 
     @torch.no_grad()
     def jump(self, x: torch.Tensor, s, t) -> torch.Tensor:
-        """X_{s,t}(x) for sampling: no graph, the update through the fused ``flowmap_step`` op."""
+        """X_{s,t}(x) for sampling: no graph, the update through the fused ``flowmap_step`` op.
+        ``s`` and ``t`` lie in [0, 1] (noise at 0, data at 1); s > t runs the map backwards
+        (data towards noise), which the flow-map identity X_{t,s} o X_{s,t} = id allows."""
+        from pyflowmap.validation import check_finite_tensor, check_time
+
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+            raise TypeError("jump: x must be a floating-point batch [B, ...]")
+        check_finite_tensor("x", x)
+        check_time("s", s)
+        check_time("t", t)
+        return self._jump(x, s, t)
+
+    def _jump(self, x, s, t):
+        """:meth:`jump` without the host-side checks (the samplers' loop, CUDA-graph capture)."""
         from pyflowmap.ops import flowmap_step
 
         s, t = batch_time(s, x), batch_time(t, x)

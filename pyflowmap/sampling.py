@@ -7,12 +7,16 @@ from typing import Sequence
 import torch
 
 from pyflowmap.flowmap import FlowMap, as_velocity
+from pyflowmap.validation import check_finite_tensor, check_ordered, check_time
 
 
 def time_grid(steps: int, t0: float = 0.0, t1: float = 1.0, device=None, dtype=torch.float32) -> torch.Tensor:
     """Uniform grid t0 = g_0 < g_1 < ... < g_steps = t1 (``steps + 1`` points)."""
-    if int(steps) != steps or steps < 1:
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    check_time("t0", t0)
+    check_time("t1", t1)
+    check_ordered("t0", t0, "t1", t1, strict=True)
     return torch.linspace(t0, t1, int(steps) + 1, device=device, dtype=dtype)
 
 
@@ -28,6 +32,8 @@ def _resolve_grid(steps, grid, x, t0=0.0, t1=1.0) -> torch.Tensor:
         raise ValueError("grid contains non-finite times")
     if not torch.all(g[1:] > g[:-1]):
         raise ValueError("grid must be strictly increasing")
+    # base noise lives at t = 0 and data at t = 1: a grid outside [0, 1] extrapolates the map
+    check_time("grid", g)
     return g
 
 
@@ -36,6 +42,9 @@ def _check_noise(x: torch.Tensor):
         raise TypeError("noise must be a floating-point tensor")
     if x.dim() < 2:
         raise ValueError(f"noise must be a batch [B, ...], got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("noise is an empty batch (batch size 0)")
+    check_finite_tensor("noise", x)
 
 
 KINDS = ("flowmap", "consistency")
@@ -48,9 +57,9 @@ def _loop(model: FlowMap, x: torch.Tensor, g: torch.Tensor, kind: str, base, gen
     for k in range(last):
         s, t = g[k].to(x.dtype), g[k + 1].to(x.dtype)
         if kind == "flowmap":
-            x = model.jump(x, s, t)
+            x = model._jump(x, s, t)
         else:
-            x1 = model.jump(x, s, g[last].to(x.dtype))  # jump to the data end
+            x1 = model._jump(x, s, g[last].to(x.dtype))  # jump to the data end
             if k + 1 < last:  # re-noise onto the interpolant at the next grid time
                 eps = base.sample(x.shape, generator=generator, device=x.device, dtype=x.dtype) \
                     if base is not None else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -32,8 +32,9 @@ class TimeSampler:
             raise ValueError(f"diag_fraction must be in [0, 1], got {self.diag_fraction}")
         if self.distribution not in ("uniform", "logit_normal"):
             raise ValueError(f"distribution must be 'uniform' or 'logit_normal', got {self.distribution!r}")
-        if not self.t_min < self.t_max:
-            raise ValueError(f"need t_min < t_max, got {self.t_min}, {self.t_max}")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise ValueError(f"TimeSampler: need 0 <= t_min < t_max <= 1 (noise at 0, data at 1), "
+                             f"got t_min={self.t_min}, t_max={self.t_max}")
         if self.logit_std <= 0:
             raise ValueError(f"logit_std must be positive, got {self.logit_std}")
 
@@ -79,6 +80,9 @@ def psd_gamma(n: int, kind: str | float = "uniform", generator=None, device=None
 
 def intermediate_time(s: torch.Tensor, t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """u = g s + (1 - g) t, so that u - s = (1 - g)(t - s) and t - u = g (t - s)."""
+    if g.shape != s.shape or t.shape != s.shape:
+        raise ValueError(f"intermediate_time: s, t and g must share a shape, got {tuple(s.shape)}, "
+                         f"{tuple(t.shape)}, {tuple(g.shape)}")
     return g * s + (1 - g) * t
 
 
@@ -106,6 +110,9 @@ class ECTSchedule:
             raise ValueError(f"ECT stage_length must be >= 1, got {self.stage_length}")
         if self.p_std <= 0 or self.k < 0 or self.b < 0:
             raise ValueError("ECT needs p_std > 0, k >= 0, b >= 0")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"ECTSchedule: need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
+                             f"sigma_max={self.sigma_max}")
 
     def stage(self, iteration: int) -> int:
         """a = 1 + floor(iteration / d)."""

@@ -128,6 +128,8 @@ class Objective(nn.Module):
             raise ValueError("empty batch: x1 has batch size 0")
         if not x1.is_floating_point():
             raise TypeError(f"x1 must be floating point, got {x1.dtype}")
+        if not bool(torch.isfinite(x1).all()):  # one check per step; NaN data would poison the run silently
+            raise ValueError("x1 (the data batch) contains NaN or inf")
         dev, dt = x1.device, x1.dtype
         B = check_shard(shard, global_batch, x1.shape[0])
         x0 = self.base.sample((B,) + tuple(x1.shape[1:]), generator=generator, device=dev, dtype=dt)

@@ -1,0 +1,46 @@
+"""Argument checks for the public Python API: each message names the argument. They run on
+the host at entry points (samplers, jumps, configs), never inside a captured or hot loop."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_finite_tensor(name: str, x: torch.Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_time(name: str, t, lo: float = 0.0, hi: float = 1.0) -> None:
+    """``t`` (a number or tensor) is finite and inside [lo, hi]."""
+    if isinstance(t, torch.Tensor):
+        if not t.is_floating_point() and t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be a real time, got dtype {t.dtype}")
+        if t.numel() == 0:
+            return
+        tf = t.detach().double()
+        if not bool(torch.isfinite(tf).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+        bad = (tf < lo) | (tf > hi)
+        if bool(bad.any()):
+            raise ValueError(f"{name} must lie in [{lo}, {hi}], got {float(tf[bad].flatten()[0]):g}")
+        return
+    try:
+        v = float(t)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number or a tensor of times, got {type(t).__name__}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must lie in [{lo}, {hi}], got {v:g}")
+
+
+def check_ordered(s_name: str, s, t_name: str, t, strict: bool = False) -> None:
+    """s <= t (or s < t) elementwise, for numbers or tensors."""
+    s_t, t_t = torch.as_tensor(s, dtype=torch.float64), torch.as_tensor(t, dtype=torch.float64)
+    ok = (s_t < t_t) if strict else (s_t <= t_t)
+    if not bool(ok.all()):
+        rel = "<" if strict else "<="
+        raise ValueError(f"need {s_name} {rel} {t_name}")
