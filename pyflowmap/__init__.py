@@ -8,7 +8,7 @@
     x = pf.sample(flowmap, noise, steps=4)             # 4 flow-map jumps
 """
 
-from pyflowmap import nn, objectives, ops, reference
+from pyflowmap import distributed, nn, objectives, ops, reference
 from pyflowmap._build import build_info, has_cuda_kernels
 from pyflowmap.derivatives import JVP, Dual, FiniteDifference, resolve_mode
 from pyflowmap.flowmap import FlowMap
@@ -20,7 +20,7 @@ from pyflowmap.times import TimeSampler
 __version__ = "0.1.0"
 
 __all__ = [
-    "build_info", "has_cuda_kernels", "nn", "objectives", "ops", "reference",
+    "build_info", "has_cuda_kernels", "distributed", "nn", "objectives", "ops", "reference",
     "FlowMap", "JVP", "Dual", "FiniteDifference", "resolve_mode",
     "LinearInterpolant", "TrigInterpolant", "EDMSigmaPath", "GaussianBase", "TimeSampler",
     "make_objective", "sample", "sample_ode", "time_grid",

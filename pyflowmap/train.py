@@ -40,13 +40,18 @@ class TrainerBase:
     """The loop, the guard and the state that every trainer shares.
 
     A subclass builds ``cfg``, ``model``, ``ema``, ``objective``, ``params``, ``optimizer``,
-    ``scheduler`` and ``generator`` in its ``__init__``, then calls :meth:`_start`; it supplies
+    ``scheduler`` and ``generator`` in its ``__init__`` (calling :meth:`_parallelize` after the
+    model, EMA and objective and before the optimizer), then calls :meth:`_start`; it supplies
     :meth:`loss_output` (one batch's :class:`~pyflowmap.objectives.LossOutput`, all randomness
     from ``self.generator``) and the class attributes ``config_cls`` and ``format``.
 
     A step whose loss or gradient norm is not finite is skipped (no parameter, EMA or optimizer
     update) and counted; after ``max_bad_steps`` consecutive ones training stops with
     :class:`NonFiniteTraining`, and no checkpoint is ever written from a non-finite state.
+
+    Under torchrun every rank runs this same loop on its rows of each global batch
+    (:mod:`pyflowmap.distributed`); the skip decision, the checkpoint's state and the logged
+    scalars are agreed over ranks, and rank 0 alone writes.
     """
 
     config_cls: type = None
