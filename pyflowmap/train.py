@@ -135,6 +135,13 @@ class TrainerBase:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
             self.skipped += 1
+            if dist_.is_main():
+                import warnings
+
+                what = "gradient norm" if bool(torch.isfinite(loss)) else "loss (on some rank)" \
+                    if self.shard is not None else "loss"
+                warnings.warn(f"step {self.step}: non-finite {what}, step skipped ({self.skipped} skipped so far, "
+                              f"{self.bad_steps} in a row; training stops at {cfg.max_bad_steps})", stacklevel=2)
             if self.bad_steps >= cfg.max_bad_steps:
                 raise NonFiniteTraining(
                     f"{self.bad_steps} consecutive non-finite steps at step {self.step}; last good "

@@ -133,13 +133,14 @@ def test_non_finite_step_is_skipped_and_never_saved(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(trainer, "loss_output", poisoned)
-    trainer.train_step()
+    with pytest.warns(UserWarning, match="non-finite loss, step skipped"):
+        trainer.train_step()
     assert trainer.skipped == 1
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k])
     from pyflowmap.train import NonFiniteTraining
 
-    with pytest.raises(NonFiniteTraining):
+    with pytest.raises(NonFiniteTraining), pytest.warns(UserWarning, match="2 in a row"):
         trainer.fit()
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
 

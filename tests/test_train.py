@@ -59,7 +59,8 @@ def test_non_finite_step_is_skipped(tmp_path):
     trainer.fit(stop_after=2)
     before = params(trainer)
     opt_state = {k: v["step"].clone() for k, v in trainer.optimizer.state.items()}
-    assert trainer.train_step() is None  # the NaN step
+    with pytest.warns(UserWarning, match=r"step 2: non-finite loss, step skipped \(1 skipped so far"):
+        assert trainer.train_step() is None  # the NaN step, reported
     assert trainer.skipped == 1
     assert all(torch.equal(a, b) for a, b in zip(before, params(trainer)))
     assert all(torch.equal(opt_state[k], v["step"]) for k, v in trainer.optimizer.state.items())
