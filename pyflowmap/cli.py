@@ -97,6 +97,7 @@ def _train(args, trainer_cls, defaults) -> int:
         world = 1 if trainer.shard is None else trainer.shard.world
         print(f"trained {trainer.step} steps ({trainer.skipped} skipped) in {trainer.train_seconds:.1f} s"
               + (f" on {world} processes" if world > 1 else "") + f"; checkpoint {out / CHECKPOINT}")
+    distributed.shutdown()
     return 0
 
 
@@ -156,6 +157,12 @@ def cmd_sample(args) -> int:
 
 def cmd_demo(args) -> int:
     """Train the default flow map on the checker, then sample with 1/2/4/8 steps and report."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("error: the demo runs in one process; under torchrun use `-m pyflowmap train` "
+              "(then `eval` in one process)", file=sys.stderr)
+        return 2
     out = Path(args.out)
     cfg = _config_from(args, TrainConfig())
     if (out / CHECKPOINT).exists() and not args.overwrite:

@@ -11,10 +11,13 @@ The design that makes N processes train the same run as one process:
 * the whole loss (every network evaluation, JVP and teacher call of one step) runs inside ONE
   forward of a :class:`LossModule` that DDP or FSDP2 wraps, so parameter gradients are
   synchronized once per step whatever the objective does inside, including torch.func.jvp
-  (the JVP traces the inner network, never the DDP wrapper, so nothing of DDP is transformed).
+  (under DDP the JVP traces the inner network, never the wrapper; under FSDP2 it runs through
+  the blocks' gather hooks, whose gathered weights carry no tangent, and is tested equal).
 
-Dropout is the only per-rank randomness: the global torch RNG is seeded per rank (rank 0 keeps
-the single-process stream), and every rank's RNG state is saved in the checkpoint.
+Dropout is the only per-rank randomness: the global torch RNG is seeded per rank, and every
+rank's RNG state is saved in the checkpoint. With dropout the masks differ from a one-process
+run's (each rank draws masks for its own rows), so the equivalence above is exact for
+dropout-free models and in distribution otherwise.
 """
 
 from __future__ import annotations
@@ -87,12 +90,24 @@ def init_from_env(device: str = "cpu") -> Shard | None:
     return current_shard()
 
 
+def shutdown() -> None:
+    """Leave the process group (the CLI's last step under torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def local_device(device: str) -> torch.device:
-    """``cuda`` becomes this process's ``cuda:LOCAL_RANK`` under torchrun."""
+    """``cuda`` becomes this process's ``cuda:LOCAL_RANK`` under torchrun; an explicit index
+    that is not this process's GPU is refused (two ranks on one GPU hang NCCL)."""
     d = torch.device(device)
-    if d.type == "cuda" and d.index is None and current_shard() is not None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return d
+    if d.type != "cuda" or current_shard() is None:
+        return d
+    local = int(os.environ.get("LOCAL_RANK", str(rank() % max(1, torch.cuda.device_count()))))
+    if d.index is not None and d.index != local:
+        raise ValueError(f"device={device!r} under a process group: rank {rank()} (local rank {local}) must use "
+                         f"cuda:{local}; pass device='cuda' and each rank takes its own GPU")
+    return torch.device("cuda", local)
 
 
 def all_true(flag: bool, device: torch.device) -> bool:
@@ -164,12 +179,14 @@ def fsdp_blocks(model: nn.Module) -> list[nn.Module]:
 def wrap_fsdp(model: nn.Module, objective: nn.Module, compute: Callable):
     """FSDP2 (``fully_shard``): each block of ``model`` is its own unit, gathered just before
     it runs and freed after, with its ``dual`` (explicit-tangent) method registered as a
-    forward so the tangent pass gathers it too; the root unit (stem, embeddings, head and any
-    frozen teacher inside ``objective``) wraps the step's :class:`LossModule`. Parameters,
+    forward so the tangent pass gathers it too; a frozen teacher inside ``objective`` is
+    sharded the same way; the root unit (stems, embeddings, heads) wraps the step's
+    :class:`LossModule`. Parameters,
     gradients and optimizer state are sharded over ranks; gradients are averaged like DDP's."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    for block in fsdp_blocks(model):
+    # the objective's frozen teacher (LMD, EMD, PFMM) is sharded block by block too
+    for block in fsdp_blocks(model) + fsdp_blocks(objective):
         fully_shard(block)
         if hasattr(block, "dual"):
             register_fsdp_forward_method(block, "dual")
@@ -199,5 +216,5 @@ def like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(value.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
 
 
-__all__ = ["fsdp_blocks", "wrap_fsdp", "full", "like", "is_dtensor", "Shard", "current_shard", "init_from_env", "is_main", "rank", "barrier", "all_true",
+__all__ = ["shutdown", "fsdp_blocks", "wrap_fsdp", "full", "like", "is_dtensor", "Shard", "current_shard", "init_from_env", "is_main", "rank", "barrier", "all_true",
            "mean_over_ranks", "gather_objects", "rank_seed", "LossModule", "wrap_ddp", "local_device"]

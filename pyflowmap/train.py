@@ -74,10 +74,14 @@ class TrainerBase:
         if self.shard.rank > 0:
             torch.manual_seed(dist_.rank_seed(self.cfg.seed, self.shard.rank))
         compute = lambda: self.loss_output()  # noqa: E731  (late-bound: subclasses and tests may replace it)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # collectives and NCCL use the current device
         if getattr(self.cfg, "fsdp", False):
             self.parallel = dist_.wrap_fsdp(self.model, self.objective, compute)
-            # each rank keeps the EMA of its own shard only
+            # the EMA is updated shard by shard on the device; its whole copy lives in CPU memory,
+            # assembled for saving and at the end of fit()
             self._ema_shards = [p.to_local().detach().clone() for p in self.model.parameters()]
+            self.ema.to("cpu")
         else:
             self.parallel = dist_.wrap_ddp(self.model, self.objective, compute, self.device)
 
@@ -124,7 +128,8 @@ class TrainerBase:
             loss, metrics = out.loss, out.metrics
         self.optimizer.zero_grad(set_to_none=True)
         # decided together: a rank that skipped backward alone would hang the others in DDP
-        finite = dist_.all_true(bool(torch.isfinite(loss)), self.device)
+        loss_ok = dist_.all_true(bool(torch.isfinite(loss)), self.device)
+        finite = loss_ok
         gnorm = torch.tensor(float("nan"))
         if finite:
             loss.backward()
@@ -133,13 +138,13 @@ class TrainerBase:
             finite = bool(torch.isfinite(gnorm))
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
+            self._reshard()  # FSDP2 frees the gathered root weights in backward, which did not run
             self.bad_steps += 1
             self.skipped += 1
             if dist_.is_main():
                 import warnings
 
-                what = "gradient norm" if bool(torch.isfinite(loss)) else "loss (on some rank)" \
-                    if self.shard is not None else "loss"
+                what = "gradient norm" if loss_ok else "loss" if self.shard is None else "loss (on some rank)"
                 warnings.warn(f"step {self.step}: non-finite {what}, step skipped ({self.skipped} skipped so far, "
                               f"{self.bad_steps} in a row; training stops at {cfg.max_bad_steps})", stacklevel=2)
             if self.bad_steps >= cfg.max_bad_steps:
@@ -166,13 +171,19 @@ class TrainerBase:
         for eb, b in zip(self.ema.buffers(), self.model.buffers()):
             eb.copy_(b)
 
+    def _reshard(self) -> None:
+        if self._ema_shards is not None:
+            self.parallel.reshard()
+
     @torch.no_grad()
     def _gather_ema(self) -> None:
-        """Under FSDP2: assemble the whole EMA module from the ranks' shards (a collective)."""
+        """Under FSDP2: assemble the whole EMA (kept in CPU memory) from the ranks' shards, one
+        parameter at a time (a collective)."""
         if self._ema_shards is None:
             return
         from torch.distributed.tensor import DTensor
 
+        self._reshard()
         for (name, p), local in zip(self.model.named_parameters(), self._ema_shards):
             whole = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             self.ema.get_parameter(name).copy_(whole.full_tensor())
@@ -183,7 +194,8 @@ class TrainerBase:
         sd = self.optimizer.state_dict()
         if self._ema_shards is None:
             return sd
-        sd["state"] = {i: {k: dist_.full(v) for k, v in st.items()} for i, st in sd["state"].items()}
+        # one tensor at a time to CPU: a save never holds the whole Adam state on the device
+        sd["state"] = {i: {k: dist_.full(v).cpu() for k, v in st.items()} for i, st in sd["state"].items()}
         return sd
 
     def _load_optimizer_state(self, sd: dict) -> None:
@@ -194,6 +206,7 @@ class TrainerBase:
         self.optimizer.load_state_dict(sd)
 
     def _finite(self) -> bool:
+        self._reshard()
         return dist_.all_true(all_finite(self.model) and all_finite(self.ema)
                               and all(bool(torch.isfinite(t).all()) for t in self._ema_shards or []), self.device)
 
@@ -229,7 +242,8 @@ class TrainerBase:
         self.train_seconds += time.perf_counter() - t0
         if self.out_dir is not None:
             self.save()
-        self._gather_ema()
+        else:
+            self._gather_ema()  # save() gathered it already
         return self
 
     # -- state --------------------------------------------------------------------------------
@@ -242,9 +256,11 @@ class TrainerBase:
             "step": self.step,
             "skipped": self.skipped,
             "train_seconds": self.train_seconds,
-            "model": {k: dist_.full(v) for k, v in self.model.state_dict().items()},
+            "model": {k: dist_.full(v).cpu() if self._ema_shards is not None else v
+                      for k, v in self.model.state_dict().items()},
             "ema": self.ema.state_dict(),
-            "objective": {k: dist_.full(v) for k, v in self.objective.state_dict().items()},
+            "objective": {k: dist_.full(v).cpu() if self._ema_shards is not None else v
+                          for k, v in self.objective.state_dict().items()},
             "optimizer": self._full_optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
@@ -272,8 +288,8 @@ class TrainerBase:
         self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
-        self._set_rank_rng(state)
         self.step = state["step"]
+        self._set_rank_rng(state)
         self.skipped = state["skipped"]
         self.train_seconds = state["train_seconds"]
         self.history = list(state["history"])
@@ -304,7 +320,10 @@ class TrainerBase:
 
     def save(self) -> Path | None:
         """Write ``checkpoint.pt`` (and ``weights.safetensors``, the EMA weights, when safetensors
-        is installed) atomically, unless the model or EMA holds a non-finite value."""
+        is installed) atomically, unless the model or EMA holds a non-finite value.
+
+        Under torchrun every rank must call it (it gathers state); rank 0 writes, and a failed
+        write raises on every rank instead of leaving the others waiting."""
         if self.out_dir is None:
             raise ValueError("Trainer has no out_dir to save to")
         if not self._finite():  # decided over all ranks
@@ -313,9 +332,20 @@ class TrainerBase:
             warnings.warn("non-finite parameters: checkpoint NOT written, the previous one is kept")
             return None
         state = self.state_dict()  # on every rank: it gathers the ranks' RNG states
-        if not dist_.is_main():
-            dist_.barrier()
-            return None
+        path, error = None, None
+        if dist_.is_main():
+            try:
+                path = self._write(state)
+            except Exception as e:  # reported to every rank below, re-raised here
+                error = e
+        # nobody reads or resumes before rank 0 has written, and nobody waits on a failed write
+        if not dist_.all_true(error is None, self.device):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"rank 0 failed to write the checkpoint in {self.out_dir}")
+        return path
+
+    def _write(self, state: dict) -> Path:
         path = save_checkpoint(state, self.out_dir / CHECKPOINT)
         if _has_safetensors():
             # the EMA weights alone, pickle-free, for sharing and serving (the full training
@@ -324,7 +354,6 @@ class TrainerBase:
                          {"format": self.format, "step": self.step, "config": json.dumps(self.cfg.to_dict())})
         atomic_write(self.out_dir / "config.json",
                      lambda f: f.write(json.dumps(self.cfg.to_dict(), indent=2).encode()))
-        dist_.barrier()  # nobody reads or resumes before rank 0 has written
         return path
 
     @classmethod

@@ -28,7 +28,11 @@ JOBS_IMAGE = [("ect-pretrain", "auto", {}), ("ect", "auto", {}), ("lmd", "dual",
 # checkpoint round trips under DDP and FSDP2 (whole-tensor optimizer state), and a step
 # whose loss is NaN on one rank only: every rank must skip it together, nobody hangs
 JOBS_RESUME = [("lsd", "dual", {"_resume_at": 2}), ("lsd", "dual", {"fsdp": True, "_resume_at": 2}),
-               ("meanflow", "jvp", {"_poison_rank": 1}), ("lsd", "dual", {"fsdp": True, "_poison_rank": 1})]
+               ("meanflow", "jvp", {"_poison_rank": 1}),
+               # the last step poisoned, a checkpoint after every step: FSDP2 must reshard and save
+               ("lsd", "dual", {"fsdp": True, "_poison_rank": 1, "_poison_step": 2, "ckpt_every": 1})]
+# an FSDP2 run stopped at step 2, then resumed by the test in one process without FSDP2
+JOBS_HANDOFF = [("emd", "dual", {"fsdp": True, "_stop_at": 2})]
 # FSDP2: the dual image models, blockwise sharded
 JOBS_FSDP = [("lsd", "dual", {"fsdp": True}), ("esd", "dual", {"fsdp": True}), ("meanflow", "dual", {"fsdp": True}),
              ("ect", "auto", {"fsdp": True}), ("lmd", "dual", {"fsdp": True}), ("psd-m", "auto", {"fsdp": True}),
@@ -45,11 +49,11 @@ def build(kind, obj, mode, extra, data=None, teacher="", out_dir=None):
         from pyflowmap.config import TrainConfig
         from pyflowmap.train import Trainer
 
-        return Trainer(TrainConfig(objective=obj, derivative=mode, **TINY_2D, **extra), out_dir=out_dir, progress=False)
+        return Trainer(TrainConfig(objective=obj, derivative=mode, **{**TINY_2D, **extra}), out_dir=out_dir, progress=False)
     from pyflowmap.images.train import ImageConfig, ImageTrainer
 
     cfg = ImageConfig(objective=obj, derivative=mode, teacher=teacher if obj in ("lmd", "emd", "pfmm") else "",
-                      **TINY_IMAGE, **extra)
+                      **{**TINY_IMAGE, **extra})
     return ImageTrainer(cfg, out_dir=out_dir, progress=False, data=data)
 
 
@@ -63,12 +67,14 @@ def result(trainer) -> dict:
     """Whole tensors (FSDP2 shards gathered: a collective, every rank calls it)."""
     return {"model": _whole(trainer.model.state_dict()), "ema": _whole(trainer.ema.state_dict()),
             "objective": _whole(trainer.objective.state_dict()), "losses": [row["loss"] for row in trainer.history],
-            "skipped": trainer.skipped}
+            "grad_norms": [row["grad_norm"] for row in trainer.history], "skipped": trainer.skipped}
 
 
 def _run(kind, obj, mode, extra, data, teacher, work_dir):
     """Control keys in ``extra``: ``_resume_at`` trains to that step, saves, and continues from
-    the checkpoint in a new trainer; ``_poison_rank`` makes that rank's loss NaN at step 1."""
+    the checkpoint in a new trainer; ``_stop_at`` trains to that step and stops (the caller
+    resumes the checkpoint elsewhere); ``_poison_rank`` makes that rank's loss NaN at step
+    ``_poison_step`` (default 1)."""
     control = {k: v for k, v in extra.items() if k.startswith("_")}
     cfg_extra = {k: v for k, v in extra.items() if not k.startswith("_")}
     out_dir = Path(work_dir) / job_name(kind, obj, mode, extra) if work_dir else None
@@ -82,11 +88,14 @@ def _run(kind, obj, mode, extra, data, teacher, work_dir):
 
         def poisoned():
             out = step()
-            if trainer.step == 1 and rank() == poison:
+            if trainer.step == control.get("_poison_step", 1) and rank() == poison:
                 out.loss = out.loss * float("nan")
             return out
 
         trainer.loss_output = poisoned
+    if "_stop_at" in control:
+        trainer.fit(steps=control["_stop_at"])
+        return {**result(trainer), "init": init}
     if "_resume_at" in control:
         trainer.fit(steps=control["_resume_at"])
         trainer = type(trainer).resume(out_dir, progress=False, **({"data": data} if kind == "image" else {}))

@@ -134,7 +134,9 @@ class Objective(nn.Module):
         B = check_shard(shard, global_batch, x1.shape[0])
         x0 = self.base.sample((B,) + tuple(x1.shape[1:]), generator=generator, device=dev, dtype=dt)
         s, t, n_diag = self.times.sample(B, generator=generator, device=dev, dtype=dt)
-        draws = self.draw_offdiag(B - n_diag, generator, dev, dt)
+        # without a generator (and unsharded) the draws stay inside offdiag_terms, after the
+        # diagonal forward, where they always were: the global RNG order (dropout) is unchanged
+        draws = self.draw_offdiag(B - n_diag, generator, dev, dt) if generator is not None or shard else {}
         counts = {"fm": n_diag, "distill": B - n_diag}
         if shard is not None:
             for key, count in counts.items():
@@ -171,10 +173,11 @@ class Objective(nn.Module):
                 part = part + w.mean()
             else:
                 part, per = residual_loss(pred, target, weight=extra)
-            if shard is not None:
-                part = part * shard.scale(per.shape[0], counts[key])
-            loss = loss + part.to(loss.dtype)
-            metrics[key] = per.detach().mean()
+            # sharded: this rank's share of the global mean, times W (DDP averages over ranks),
+            # for the loss and for the logged part means alike
+            share = 1.0 if shard is None else shard.scale(per.shape[0], counts[key])
+            loss = loss + (part * share).to(loss.dtype)
+            metrics[key] = per.detach().mean() * share
             per_sample.append(per)
         metrics["loss"] = loss.detach()
         per_sample = torch.cat(per_sample)

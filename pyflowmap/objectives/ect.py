@@ -83,7 +83,7 @@ class ECT(nn.Module):
             loss, per = residual_loss(model(x_t, t), y, weight=weight)
             loss = loss * scale
             return LossOutput(loss=loss, per_sample=per, n_diag=0,
-                              metrics={"loss": loss.detach(), "denoise": per.detach().mean()})
+                              metrics={"loss": loss.detach(), "denoise": per.detach().mean() * scale})
         r = self.schedule.r(t, iteration)
         rng = _rng_state(dev)
         pred = model(x_t, t)
@@ -103,8 +103,8 @@ class ECT(nn.Module):
         loss, per = residual_loss(pred, target, weight=weight, metric="pseudo_huber", c=self.huber_c(y))
         loss = loss * scale
         return LossOutput(loss=loss, per_sample=per, n_diag=int(zero.sum()),
-                          metrics={"loss": loss.detach(), "consistency": per.detach().mean(),
-                                   "r_zero_fraction": zero.float().mean()})
+                          metrics={"loss": loss.detach(), "consistency": per.detach().mean() * scale,
+                                   "r_zero_fraction": zero.float().mean() * scale})
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule}, c={self.c}, pretrain={self.pretrain}"
