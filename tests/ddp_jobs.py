@@ -136,6 +136,14 @@ def worker(rank: int, world: int, port: int, jobs, data_path: str, teacher: str,
     # a collective that never completes (a rank skipping a step alone) fails the test in 2
     # minutes instead of hanging it
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    if rank != 0:  # only rank 0 writes: any file write from another rank fails the job
+        import pyflowmap.train as train_module
+
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"rank {rank} tried to write a file")
+
+        for name in ("save_checkpoint", "save_weights", "atomic_write"):
+            setattr(train_module, name, refuse)
     try:
         data = torch.load(data_path) if data_path else None
         res = run_jobs(jobs, data=data, teacher=teacher, work_dir=work_dir or None)
