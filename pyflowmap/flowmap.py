@@ -82,11 +82,9 @@ class FlowMap(nn.Module):
         """X_{s,t}(x) for sampling: no graph, the update through the fused ``flowmap_step`` op.
         ``s`` and ``t`` lie in [0, 1] (noise at 0, data at 1); s > t runs the map backwards
         (data towards noise), which the flow-map identity X_{t,s} o X_{s,t} = id allows."""
-        from pyflowmap.validation import check_finite_tensor, check_time
+        from pyflowmap.validation import check_batch, check_time
 
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
-            raise TypeError("jump: x must be a floating-point batch [B, ...]")
-        check_finite_tensor("x", x)
+        check_batch("x", x)
         check_time("s", s)
         check_time("t", t)
         return self._jump(x, s, t)

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from pyflowmap.flowmap import FlowMap, as_velocity
-from pyflowmap.validation import check_finite_tensor, check_ordered, check_time
+from pyflowmap.validation import check_batch, check_ordered, check_time
 
 
 def time_grid(steps: int, t0: float = 0.0, t1: float = 1.0, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -35,16 +35,6 @@ def _resolve_grid(steps, grid, x, t0=0.0, t1=1.0) -> torch.Tensor:
     # base noise lives at t = 0 and data at t = 1: a grid outside [0, 1] extrapolates the map
     check_time("grid", g)
     return g
-
-
-def _check_noise(x: torch.Tensor):
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError("noise must be a floating-point tensor")
-    if x.dim() < 2:
-        raise ValueError(f"noise must be a batch [B, ...], got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError("noise is an empty batch (batch size 0)")
-    check_finite_tensor("noise", x)
 
 
 KINDS = ("flowmap", "consistency")
@@ -92,7 +82,7 @@ def sample(model: FlowMap, noise: torch.Tensor, steps: int | None = 1,
     default CUDA generator (seed it with ``torch.cuda.manual_seed``), so ``generator`` must be
     None. Returns ``[B, ...]``, or with ``return_trajectory`` (eager only) ``[len(grid), B, ...]``.
     """
-    _check_noise(noise)
+    check_batch("noise", noise)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     g = _resolve_grid(steps, grid, noise)
@@ -120,7 +110,7 @@ def sample_ode(model, noise: torch.Tensor, steps: int | None = 8, method: str = 
 
     if method not in ("euler", "heun"):
         raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
-    _check_noise(noise)
+    check_batch("noise", noise)
     b = as_velocity(model)
     g = _resolve_grid(steps, grid, noise)
     x = noise

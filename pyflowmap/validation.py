@@ -13,6 +13,20 @@ def check_finite_tensor(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or inf")
 
 
+def check_batch(name: str, x, role: str = "") -> None:
+    """``x`` is a non-empty, finite, floating-point batch ``[B, ...]`` with at least one feature
+    dimension: what every entry point that takes data or noise needs. ``role`` (e.g. "the data
+    batch") is added to the NaN message, where a user looks for where the NaN came from."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point (a floating-point tensor), got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must be a batch [B, ...] with at least one feature dim, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (batch size 0)")
+    check_finite_tensor(f"{name} ({role})" if role else name, x)
+
+
 def check_time(name: str, t, lo: float = 0.0, hi: float = 1.0) -> None:
     """``t`` (a number or tensor) is finite and inside [lo, hi]."""
     if isinstance(t, torch.Tensor):

@@ -14,6 +14,7 @@ from pyflowmap.distributed import Shard
 from pyflowmap.flowmap import FlowMap, as_velocity  # noqa: F401  (re-exported)
 from pyflowmap.interpolants import GaussianBase, Interpolant, make_interpolant
 from pyflowmap.losses import residual_loss
+from pyflowmap.validation import check_batch
 from pyflowmap.objectives.weighting import LearnedWeighting
 from pyflowmap.times import TimeSampler
 
@@ -122,14 +123,8 @@ class Objective(nn.Module):
         for the whole global batch and sliced the same way, each part is averaged over its
         global count and scaled by W, so DDP's gradient average equals one process's gradient
         on the global batch."""
-        if x1.dim() < 2:
-            raise ValueError(f"x1 must be a batch [B, ...] with at least one feature dim, got {tuple(x1.shape)}")
-        if x1.shape[0] == 0:
-            raise ValueError("empty batch: x1 has batch size 0")
-        if not x1.is_floating_point():
-            raise TypeError(f"x1 must be floating point, got {x1.dtype}")
-        if not bool(torch.isfinite(x1).all()):  # one check per step; NaN data would poison the run silently
-            raise ValueError("x1 (the data batch) contains NaN or inf")
+        # one host check per step: NaN data would poison the run silently
+        check_batch("x1", x1, role="the data batch")
         dev, dt = x1.device, x1.dtype
         B = check_shard(shard, global_batch, x1.shape[0])
         x0 = self.base.sample((B,) + tuple(x1.shape[1:]), generator=generator, device=dev, dtype=dt)

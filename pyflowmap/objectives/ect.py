@@ -10,6 +10,7 @@ from torch import nn
 from pyflowmap.consistency import EDMConsistency
 from pyflowmap.interpolants import expand_time
 from pyflowmap.losses import residual_loss
+from pyflowmap.validation import check_batch
 from pyflowmap.distributed import Shard
 from pyflowmap.objectives.base import LossOutput, check_shard
 from pyflowmap.times import ECTSchedule
@@ -59,12 +60,7 @@ class ECT(nn.Module):
                 iteration: int = 0, shard: Shard | None = None, global_batch: int | None = None) -> LossOutput:
         """The loss on ``y`` ``[B, ...]``; with ``shard``, ``y`` is this rank's rows of a global
         batch (see :meth:`pyflowmap.objectives.Objective.forward`)."""
-        if y.dim() < 2 or y.shape[0] == 0:
-            raise ValueError(f"ECT: need a non-empty batch [B, ...], got {tuple(y.shape)}")
-        if not y.is_floating_point():
-            raise TypeError(f"ECT: y must be floating point, got {y.dtype}")
-        if not torch.isfinite(y).all():
-            raise ValueError("ECT: the data batch contains NaN or inf")
+        check_batch("ECT: y", y, role="the data batch")
         if int(iteration) < 0:
             raise ValueError(f"ECT: iteration must be >= 0, got {iteration}")
         dev, dt = y.device, y.dtype
