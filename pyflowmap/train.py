@@ -87,8 +87,8 @@ class TrainerBase:
 
     def _start(self, out_dir, progress: bool) -> None:
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        if not hasattr(self, "shard"):
-            self._parallelize()
+        if not hasattr(self, "shard"):  # wrapping after the optimizer exists would miss FSDP2's shards
+            raise TypeError(f"{type(self).__name__} must call _parallelize() before building its optimizer")
         self.progress = progress and dist_.is_main()
         self.step = 0
         self.bad_steps = 0
@@ -188,6 +188,18 @@ class TrainerBase:
             whole = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
             self.ema.get_parameter(name).copy_(whole.full_tensor())
 
+    def _whole_state(self, module) -> dict:
+        """``module``'s state dict with whole tensors (under FSDP2 each shard is gathered and
+        moved to CPU, one tensor at a time)."""
+        sd = module.state_dict()
+        return sd if self._ema_shards is None else {k: dist_.full(v).cpu() for k, v in sd.items()}
+
+    @staticmethod
+    def _load_whole_state(module, whole: dict) -> None:
+        """Loads whole tensors into ``module``, sharding each like the parameter it replaces."""
+        current = module.state_dict()
+        module.load_state_dict({k: dist_.like(v, current[k]) if k in current else v for k, v in whole.items()})
+
     def _full_optimizer_state(self) -> dict:
         """The optimizer state with whole tensors: the same checkpoint whether or not FSDP2
         sharded it, so a run can resume with or without FSDP2 and on any number of ranks."""
@@ -256,11 +268,9 @@ class TrainerBase:
             "step": self.step,
             "skipped": self.skipped,
             "train_seconds": self.train_seconds,
-            "model": {k: dist_.full(v).cpu() if self._ema_shards is not None else v
-                      for k, v in self.model.state_dict().items()},
+            "model": self._whole_state(self.model),
             "ema": self.ema.state_dict(),
-            "objective": {k: dist_.full(v).cpu() if self._ema_shards is not None else v
-                          for k, v in self.objective.state_dict().items()},
+            "objective": self._whole_state(self.objective),
             "optimizer": self._full_optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
@@ -275,16 +285,12 @@ class TrainerBase:
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != self.format:
             raise ValueError(f"checkpoint format {state.get('format')!r} is not {self.format!r}")
-        current = self.model.state_dict()
-        self.model.load_state_dict({k: dist_.like(v, current[k]) if k in current else v
-                                    for k, v in state["model"].items()})
+        self._load_whole_state(self.model, state["model"])
         self.ema.load_state_dict(state["ema"])
         if self._ema_shards is not None:
             ema = self.ema.state_dict()
             self._ema_shards = [dist_.like(ema[n], p).to_local().clone() for n, p in self.model.named_parameters()]
-        current = self.objective.state_dict()
-        self.objective.load_state_dict({k: dist_.like(v, current[k]) if k in current else v
-                                        for k, v in state["objective"].items()})
+        self._load_whole_state(self.objective, state["objective"])
         self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
