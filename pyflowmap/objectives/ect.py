@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from pyflowmap.consistency import EDMConsistency
+from pyflowmap.distributed import Shard
 from pyflowmap.interpolants import expand_time
 from pyflowmap.losses import residual_loss
-from pyflowmap.validation import check_batch
-from pyflowmap.distributed import Shard
 from pyflowmap.objectives.base import LossOutput, check_shard
 from pyflowmap.times import ECTSchedule
+from pyflowmap.validation import check_batch
 
 
 def _rng_state(device: torch.device):
