@@ -1,5 +1,14 @@
 // The dispatcher schemas of every pyflowmap op (one place to read the op surface) and the small
 // pybind11 module that reports what this build contains.
+//
+// Registration (csrc/README.md has the family layout): each <family>/<op>_torch.cpp registers
+// one kernel per backend, under TORCH_LIBRARY_IMPL(pyflowmap, CPU) and (CUDA builds)
+// TORCH_LIBRARY_IMPL(pyflowmap, CUDA). Both are instantiations of one entry template,
+// `&<op>_entry<Run>`, that runs the family's device-independent prepare() (every argument
+// check, contiguous inputs) and hands its result to the backend's Run function (<op>_cpu /
+// <op>_cuda: backend check, allocation, dispatch_types, launch), so the two backends cannot
+// drift apart in what they accept. The one exception is dual_linear: a single
+// CompositeExplicitAutograd ATen composition that serves every device.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 

@@ -2,7 +2,7 @@
 // fake and autograd kernels in pyflowmap/ops/dual_act.py).
 #include "common/checks.h"
 #include "common/cuda_glue.h"
-#include "common/format.h"
+#include "common/dispatch.h"
 #include "dual_act/dual_act.h"
 
 #include <ATen/core/Tensor.h>
@@ -10,124 +10,97 @@
 #include <torch/library.h>
 
 #include <string_view>
+#include <utility>
 
 namespace pyflowmap::dual_act {
 namespace {
 
-Kind parse_kind(std::string_view kind) {
+Kind parse_kind(std::string_view kind, const char* op) {
   if (kind == "gelu") return Kind::kGelu;
   if (kind == "silu") return Kind::kSilu;
-  TORCH_CHECK(false, "dual_act: `kind` must be 'gelu' or 'silu', got '", std::string(kind), "'");
+  TORCH_CHECK(false, op, ": `kind` must be 'gelu' or 'silu', got '", std::string(kind), "'");
 }
 
-void check_input(const at::Tensor& t, const char* op, const char* name) {
-  check_stacked(t, op, name);
-  const auto dt = t.scalar_type();
-  const bool half_ok = t.is_cuda();  // the CUDA kernel also covers float16
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || (half_ok && dt == at::kHalf), op,
-              ": `", name, "` must be float32, float64 or bfloat16", half_ok ? " or float16" : "", ", got ", dt);
-}
+// The dtypes the kernels are instantiated for (dual_act_cpu.cpp, dual_act.cu).
+using CpuTypes = dtypes<float, double, c10::BFloat16>;
+using CudaTypes = dtypes<float, double, c10::BFloat16, c10::Half>;
 
-void check_same(const at::Tensor& a, const at::Tensor& b, const char* op) {
-  TORCH_CHECK(a.sizes() == b.sizes(), op, ": `grad` shape ", fmt(a.sizes()), " differs from `zz` shape ",
-              fmt(b.sizes()));
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": `grad` dtype ", a.scalar_type(),
-              " differs from `zz` dtype ", b.scalar_type());
-  TORCH_CHECK(a.device() == b.device(), op, ": `grad` is on ", a.device(), " but `zz` is on ", b.device());
-}
+struct ActArgs {
+  const char* op;
+  at::Tensor zz, grad;  // contiguous; grad undefined for the forward
+  int64_t n;            // elements per half
+  Kind kind;
+};
 
-#define PYFLOWMAP_DISPATCH(DT, ...)                                                   \
-  switch (DT) {                                                                      \
-    case at::kFloat: { using T = float; __VA_ARGS__; break; }                        \
-    case at::kDouble: { using T = double; __VA_ARGS__; break; }                      \
-    case at::kBFloat16: { using T = c10::BFloat16; __VA_ARGS__; break; }             \
-    default: TORCH_CHECK(false, "dual_act: unsupported dtype ", DT);                 \
+// The checks of both ops for every device; `grad` is undefined for the forward.
+ActArgs prepare(const at::Tensor& zz, const at::Tensor& grad, std::string_view kind, const char* op) {
+  for (const auto& [t, name] : {std::pair{&zz, "zz"}, std::pair{&grad, "grad"}}) {
+    if (!t->defined()) continue;
+    check_stacked(*t, op, name);
+    check_floating(*t, op, name, CpuTypes::scalar_types, CudaTypes::scalar_types);
   }
-
-at::Tensor dual_act_cpu(const at::Tensor& zz_in, std::string_view kind) {
-  check_input(zz_in, "dual_act", "zz");
-  TORCH_CHECK(zz_in.device().is_cpu(), "dual_act (CPU kernel): `zz` must be on the CPU");
-  const Kind k = parse_kind(kind);
-  const at::Tensor zz = zz_in.contiguous();
-  at::Tensor out = at::empty(zz.sizes(), zz.options());
-  const int64_t n = zz.numel() / 2;
-  PYFLOWMAP_DISPATCH(zz.scalar_type(), {
-    const T* z = zz.const_data_ptr<T>();
-    T* y = out.mutable_data_ptr<T>();
-    forward_cpu<T>(z, z + n, y, y + n, n, k);
-  })
-  return out;
+  if (grad.defined()) check_like(grad, zz, op, "grad", "zz");
+  const Kind k = parse_kind(kind, op);
+  return {op, zz.contiguous(), grad.defined() ? grad.contiguous() : at::Tensor(), zz.numel() / 2, k};
 }
 
-at::Tensor dual_act_backward_cpu(const at::Tensor& grad_in, const at::Tensor& zz_in,
-                                 std::string_view kind) {
-  check_input(zz_in, "dual_act_backward", "zz");
-  check_input(grad_in, "dual_act_backward", "grad");
-  check_same(grad_in, zz_in, "dual_act_backward");
-  TORCH_CHECK(zz_in.device().is_cpu(), "dual_act_backward (CPU kernel): `zz` must be on the CPU");
-  const Kind k = parse_kind(kind);
-  const at::Tensor zz = zz_in.contiguous();
-  const at::Tensor g = grad_in.contiguous();
-  at::Tensor out = at::empty(zz.sizes(), zz.options());
-  const int64_t n = zz.numel() / 2;
-  PYFLOWMAP_DISPATCH(zz.scalar_type(), {
-    const T* z = zz.const_data_ptr<T>();
-    const T* gp = g.const_data_ptr<T>();
-    T* o = out.mutable_data_ptr<T>();
-    backward_cpu<T>(gp, gp + n, z, z + n, o, o + n, n, k);
-  })
+// One function per backend serves both ops: the backward when `grad` is given.
+at::Tensor dual_act_cpu(const ActArgs& a) {
+  check_backend(a.zz, a.op, "zz", c10::DeviceType::CPU);
+  at::Tensor out = at::empty(a.zz.sizes(), a.zz.options());
+  dispatch_types(CpuTypes{}, a.zz.scalar_type(), a.op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T *z = cptr<T>(a.zz), *g = cptr<T>(a.grad);
+    T* o = mptr<T>(out);
+    if (g) {
+      backward_cpu<T>(g, g + a.n, z, z + a.n, o, o + a.n, a.n, a.kind);
+    } else {
+      forward_cpu<T>(z, z + a.n, o, o + a.n, a.n, a.kind);
+    }
+  });
   return out;
 }
 
 #ifdef PYFLOWMAP_WITH_CUDA
-at::Tensor dual_act_cuda(const at::Tensor& zz_in, std::string_view kind) {
-  check_input(zz_in, "dual_act", "zz");
-  TORCH_CHECK(zz_in.is_cuda(), "dual_act (CUDA kernel): `zz` must be a CUDA tensor");
-  const Kind k = parse_kind(kind);
-  const c10::cuda::CUDAGuard guard(zz_in.device());
-  const at::Tensor zz = zz_in.contiguous();
-  at::Tensor out = at::empty(zz.sizes(), zz.options());
-  const int64_t n = zz.numel() / 2;
-  PYFLOWMAP_CUDA_DISPATCH(zz.scalar_type(), "dual_act", {
-    const T* z = cptr<T, TT>(zz);
-    T* y = mptr<T, TT>(out);
-    PYFLOWMAP_CHECK_LAUNCH(forward_cuda<T>(z, z + n, y, y + n, n, k, current_stream()), "dual_act");
-  })
-  return out;
-}
-
-at::Tensor dual_act_backward_cuda(const at::Tensor& grad_in, const at::Tensor& zz_in, std::string_view kind) {
-  check_input(zz_in, "dual_act_backward", "zz");
-  check_input(grad_in, "dual_act_backward", "grad");
-  check_same(grad_in, zz_in, "dual_act_backward");
-  TORCH_CHECK(zz_in.is_cuda(), "dual_act_backward (CUDA kernel): `zz` must be a CUDA tensor");
-  const Kind k = parse_kind(kind);
-  const c10::cuda::CUDAGuard guard(zz_in.device());
-  const at::Tensor zz = zz_in.contiguous(), g = grad_in.contiguous();
-  at::Tensor out = at::empty(zz.sizes(), zz.options());
-  const int64_t n = zz.numel() / 2;
-  PYFLOWMAP_CUDA_DISPATCH(zz.scalar_type(), "dual_act_backward", {
-    const T* z = cptr<T, TT>(zz);
-    const T* gp = cptr<T, TT>(g);
-    T* o = mptr<T, TT>(out);
-    PYFLOWMAP_CHECK_LAUNCH(backward_cuda<T>(gp, gp + n, z, z + n, o, o + n, n, k, current_stream()),
-                           "dual_act_backward");
-  })
+at::Tensor dual_act_cuda(const ActArgs& a) {
+  check_backend(a.zz, a.op, "zz", c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(a.zz.device());
+  at::Tensor out = at::empty(a.zz.sizes(), a.zz.options());
+  dispatch_types(CudaTypes{}, a.zz.scalar_type(), a.op, [&](auto tag) {
+    using TT = typename decltype(tag)::type;
+    using T = cuda_type_t<TT>;
+    const T *z = cuda_cptr<TT>(a.zz), *g = cuda_cptr<TT>(a.grad);
+    T* o = cuda_mptr<TT>(out);
+    PYFLOWMAP_CHECK_LAUNCH(g ? backward_cuda<T>(g, g + a.n, z, z + a.n, o, o + a.n, a.n, a.kind, current_stream())
+                             : forward_cuda<T>(z, z + a.n, o, o + a.n, a.n, a.kind, current_stream()),
+                           a.op);
+  });
   return out;
 }
 #endif
 
+// The schemas' entries for backend Run (dual_act_cpu / dual_act_cuda).
+template <auto Run>
+at::Tensor dual_act_entry(const at::Tensor& zz, std::string_view kind) {
+  return Run(prepare(zz, at::Tensor(), kind, "dual_act"));
+}
+
+template <auto Run>
+at::Tensor dual_act_backward_entry(const at::Tensor& grad, const at::Tensor& zz, std::string_view kind) {
+  return Run(prepare(zz, grad, kind, "dual_act_backward"));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyflowmap, CPU, m) {
-  m.impl("dual_act", &dual_act_cpu);
-  m.impl("dual_act_backward", &dual_act_backward_cpu);
+  m.impl("dual_act", &dual_act_entry<dual_act_cpu>);
+  m.impl("dual_act_backward", &dual_act_backward_entry<dual_act_cpu>);
 }
 
 #ifdef PYFLOWMAP_WITH_CUDA
 TORCH_LIBRARY_IMPL(pyflowmap, CUDA, m) {
-  m.impl("dual_act", &dual_act_cuda);
-  m.impl("dual_act_backward", &dual_act_backward_cuda);
+  m.impl("dual_act", &dual_act_entry<dual_act_cuda>);
+  m.impl("dual_act_backward", &dual_act_backward_entry<dual_act_cuda>);
 }
 #endif
 

@@ -4,7 +4,7 @@
 // Forward: one thread block (4 warps) per 64 query rows of one (batch, head); each warp owns
 // 16 rows and streams 64-key tiles of K, V (and K_dot, V_dot when present) through shared
 // memory. Per tile: S = Q K^T and S_dot = Q_dot K^T + Q K_dot^T in registers, the running max
-// and the extra accumulators of KERNELS.md section 2 (l, r = sum p S_dot, acc = P V,
+// and the extra accumulators of docs/tangents.md section 8.2 (l, r = sum p S_dot, acc = P V,
 // accT = (P * S_dot) V + P V_dot), with P and P * S_dot fed back to the tensor cores straight
 // from the accumulator registers (the m16n8 C fragment of two adjacent n-tiles IS the m16k16
 // A fragment). Absent tangents skip their matmuls: with K_dot = V_dot = 0 a tile costs 4.

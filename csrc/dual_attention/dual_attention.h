@@ -1,6 +1,6 @@
 // JVP attention: shapes shared by the torch glue and the plain-CUDA kernels (no torch here).
 //
-// Math (KERNELS.md section 2), per query row i over visible keys j:
+// Math (docs/tangents.md section 8), per query row i over visible keys j:
 //   S = c Q K^T, P = softmax(S), O = P V
 //   S_dot = c (Q_dot K^T + Q K_dot^T), mu = sum_j P S_dot, O_dot = (P * S_dot) V + P V_dot - mu O
 // Row statistics kept for the backward: lse = m + log(l) and mu. A row that sees no key

@@ -3,11 +3,13 @@
 //
 // Two implementations of one function (math in dual_attention.h):
 //  * the streaming kernels of dual_attention.cu (CUDA, float16 / bfloat16, head dim 64 or 128);
-//  * a chunked path built from ATen ops for everything else (CPU, float32 / float64, other head
-//    dims): the same online-softmax recurrence over blocks of keys, so memory is
-//    O(Nq x block + N x D) instead of the N x N probabilities and tangents of math attention.
+//  * a chunked path built from ATen ops for everything else (the CPU entries, and the CUDA ones
+//    for float32 / float64 and other head dims): the same online-softmax recurrence over blocks
+//    of keys, so memory is O(Nq x block + N x D) instead of the N x N probabilities and tangents
+//    of math attention.
 #include "common/checks.h"
 #include "common/cuda_glue.h"
+#include "common/dispatch.h"
 #include "common/format.h"
 #include "dual_attention/dual_attention.h"
 
@@ -30,18 +32,31 @@ constexpr int64_t kBlock = 128;
 
 using Opt = std::optional<at::Tensor>;
 
-at::Tensor get(const Opt& t) { return t.has_value() && t->defined() ? *t : at::Tensor(); }
+// The chunked path covers every floating dtype on every device; the streaming kernels
+// (dual_attention.cu) are instantiated for the 16-bit ones.
+using ChunkedTypes = dtypes<float, double, c10::Half, c10::BFloat16>;
+using KernelTypes = dtypes<c10::Half, c10::BFloat16>;
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qd,
-                  const at::Tensor& kd, const at::Tensor& vd, double scale, const char* op) {
+struct AttnArgs {
+  const char* op;
+  at::Tensor q, k, v, qd, kd, vd;  // as given (absent tangents undefined)
+  bool causal;
+  double scale;
+  at::Tensor g, gd, o, od, lse, mu;  // the backward's (gd undefined when absent); undefined for the forward
+};
+
+// The forward's checks for every device.
+AttnArgs prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Opt& q_dot, const Opt& k_dot,
+                 const Opt& v_dot, bool causal, double scale, const char* op) {
+  const at::Tensor qd = value_or_undefined(q_dot), kd = value_or_undefined(k_dot), vd = value_or_undefined(v_dot);
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
-              ": `q` must be float32, float64, float16 or bfloat16, got ", dt);
+  check_floating(q, op, "q", ChunkedTypes::scalar_types, ChunkedTypes::scalar_types);
   TORCH_CHECK(q.dim() == 4, op, ": `q` must be [batch, heads, Nq, D], got shape ", fmt(q.sizes()));
   TORCH_CHECK(k.dim() == 4 && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
               ": `k` must be [batch, heads, Nk, D] matching `q` ", fmt(q.sizes()), ", got ", fmt(k.sizes()));
   TORCH_CHECK(v.sizes() == k.sizes(), op, ": `v` must have the shape of `k` ", fmt(k.sizes()), ", got ",
               fmt(v.sizes()));
+  // dtype and device as q's, shape as the primal's
   const char* names[] = {"k", "v", "q_dot", "k_dot", "v_dot"};
   const at::Tensor* ts[] = {&k, &v, &qd, &kd, &vd};
   const at::Tensor* like[] = {&k, &v, &q, &k, &v};
@@ -54,10 +69,32 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 fmt(like[i]->sizes()), ", got ", fmt(ts[i]->sizes()));
   }
   TORCH_CHECK(std::isfinite(scale), op, ": `scale` must be finite");
+  return {op, q, k, v, qd, kd, vd, causal, scale};
 }
 
-at::ScalarType compute_type(at::ScalarType dt) {
-  return dt == at::kHalf || dt == at::kBFloat16 ? at::kFloat : dt;
+// ... and the backward's: dL/dO (dL/dO_dot optional) and the forward's outputs.
+AttnArgs prepare_backward(const at::Tensor& grad_o, const Opt& grad_o_dot, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, const Opt& q_dot, const Opt& k_dot, const Opt& v_dot,
+                          const at::Tensor& o, const at::Tensor& o_dot, const at::Tensor& lse, const at::Tensor& mu,
+                          bool causal, double scale) {
+  AttnArgs a = prepare(q, k, v, q_dot, k_dot, v_dot, causal, scale, "dual_attention_backward");
+  const at::Tensor gd = value_or_undefined(grad_o_dot);
+  for (const auto& [t, name] : {std::pair{&grad_o, "grad_o"}, std::pair{&gd, "grad_o_dot"}, std::pair{&o, "o"},
+                                std::pair{&o_dot, "o_dot"}}) {
+    if (t->defined()) check_like(*t, q, a.op, name, "q");
+  }
+  const auto stat = acc_type(q.scalar_type());
+  const std::string what = std::string("row statistic [batch, heads, Nq] in ") + c10::toString(stat);
+  for (const auto& [t, name] : {std::pair{&lse, "lse"}, std::pair{&mu, "mu"}}) {
+    check_saved(*t, t->sizes() == q.sizes().slice(0, 3), stat, q, a.op, name, what);
+  }
+  a.g = grad_o;
+  a.gd = gd;
+  a.o = o;
+  a.od = o_dot;
+  a.lse = lse;
+  a.mu = mu;
+  return a;
 }
 
 // [Nq, n] visibility of keys j0..j0+n-1 (bottom-right aligned causal mask).
@@ -83,10 +120,13 @@ at::Tensor block_s_dot(const at::Tensor& q, const at::Tensor& qd, const at::Tens
   return sd.defined() ? sd.mul_(scale) : sd;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_chunked(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& qd_in,
-    const at::Tensor& kd_in, const at::Tensor& vd_in, bool causal, double scale) {
-  const auto dt = q_in.scalar_type(), ct = compute_type(dt);
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Outputs forward_chunked(const AttnArgs& a) {
+  const at::Tensor &q_in = a.q, &k_in = a.k, &v_in = a.v, &qd_in = a.qd, &kd_in = a.kd, &vd_in = a.vd;
+  const bool causal = a.causal;
+  const double scale = a.scale;
+  const auto dt = q_in.scalar_type(), ct = acc_type(dt);
   const int64_t nq = q_in.size(2), nk = k_in.size(2);
   const auto copt = q_in.options().dtype(ct);
   const at::Tensor q = q_in.to(ct), qd = maybe(qd_in, ct);
@@ -139,18 +179,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_chunked(
     mu = at::zeros_like(lse);
     o_dot = at::zeros_like(o);
   }
-  const auto stat_type = dt == at::kDouble ? at::kDouble : at::kFloat;
-  return {o.to(dt), o_dot.to(dt), lse.to(stat_type).contiguous(), mu.to(stat_type).contiguous()};
+  return {o.to(dt), o_dot.to(dt), lse.to(ct).contiguous(), mu.to(ct).contiguous()};
 }
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-Grads backward_chunked(const at::Tensor& g_in, const at::Tensor& gd_in, const at::Tensor& q_in,
-                       const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& qd_in,
-                       const at::Tensor& kd_in, const at::Tensor& vd_in, const at::Tensor& o_in,
-                       const at::Tensor& od_in, const at::Tensor& lse_in, const at::Tensor& mu_in, bool causal,
-                       double scale) {
-  const auto dt = q_in.scalar_type(), ct = compute_type(dt);
+Grads backward_chunked(const AttnArgs& a) {
+  const at::Tensor &q_in = a.q, &k_in = a.k, &v_in = a.v, &qd_in = a.qd, &kd_in = a.kd, &vd_in = a.vd;
+  const at::Tensor &g_in = a.g, &gd_in = a.gd, &o_in = a.o, &od_in = a.od, &lse_in = a.lse, &mu_in = a.mu;
+  const bool causal = a.causal;
+  const double scale = a.scale;
+  const auto dt = q_in.scalar_type(), ct = acc_type(dt);
   const int64_t nq = q_in.size(2), nk = k_in.size(2);
   const auto copt = q_in.options().dtype(ct);
   const double inf = std::numeric_limits<double>::infinity();
@@ -216,13 +255,22 @@ Grads backward_chunked(const at::Tensor& g_in, const at::Tensor& gd_in, const at
   return {out(dq), out(dk), out(dv), out(dqd), out(dkd), out(dvd)};
 }
 
+Outputs dual_attention_cpu(const AttnArgs& a) {
+  check_backend(a.q, a.op, "q", c10::DeviceType::CPU);
+  return forward_chunked(a);
+}
+
+Grads dual_attention_backward_cpu(const AttnArgs& a) {
+  check_backend(a.q, a.op, "q", c10::DeviceType::CPU);
+  return backward_chunked(a);
+}
+
 #ifdef PYFLOWMAP_WITH_CUDA
 // The streaming kernels cover 16-bit inputs with head dim 64 / 128; the rest takes the chunked
 // path, which runs on CUDA tensors just as well.
 bool kernel_covers(const at::Tensor& q, const at::Tensor& k) {
-  const auto dt = q.scalar_type();
   const int64_t bh = q.size(0) * q.size(1);
-  return (dt == at::kHalf || dt == at::kBFloat16) && (q.size(3) == 64 || q.size(3) == 128) && bh <= INT32_MAX &&
+  return KernelTypes::contains(q.scalar_type()) && (q.size(3) == 64 || q.size(3) == 128) && bh <= INT32_MAX &&
          q.size(2) <= INT32_MAX && k.size(2) <= INT32_MAX && (q.size(2) + 63) / 64 <= 65535 &&
          (k.size(2) + 63) / 64 <= 65535;
 }
@@ -235,67 +283,63 @@ at::Tensor vector_ready(const at::Tensor& t) {
 }
 
 // q, k, v, q_dot, k_dot, v_dot in the kernels' order, each vector-ready (absent ones undefined).
-std::array<at::Tensor, 6> vector_ready(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& qd, const at::Tensor& kd, const at::Tensor& vd) {
+std::array<at::Tensor, 6> vector_ready(const AttnArgs& a) {
   std::array<at::Tensor, 6> ts;
-  const at::Tensor* src[] = {&q, &k, &v, &qd, &kd, &vd};
+  const at::Tensor* src[] = {&a.q, &a.k, &a.v, &a.qd, &a.kd, &a.vd};
   for (int i = 0; i < 6; ++i) ts[i] = src[i]->defined() ? vector_ready(*src[i]) : at::Tensor();
   return ts;
 }
 
-template <typename T, typename TT>
-Inputs<T> make_inputs(const std::array<at::Tensor, 6>& ts) {
-  Inputs<T> in{};
+template <typename TT>
+Inputs<cuda_type_t<TT>> make_inputs(const std::array<at::Tensor, 6>& ts) {
+  Inputs<cuda_type_t<TT>> in{};
   for (int i = 0; i < 6; ++i) {
-    in.ptr[i] = cptr<T, TT>(ts[i]);
+    in.ptr[i] = cuda_cptr<TT>(ts[i]);
     in.stride[i] = ts[i].defined() ? Strides{ts[i].stride(0), ts[i].stride(1), ts[i].stride(2)} : Strides{0, 0, 0};
   }
   return in;
 }
 
-Problem make_problem(const at::Tensor& q, const at::Tensor& k, bool has_qd, bool has_kd, bool has_vd, bool causal,
-                     double scale) {
-  return {static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(q.size(2)),
-          static_cast<int>(k.size(2)),  static_cast<int>(q.size(3)), causal, static_cast<float>(scale),
-          has_qd, has_kd, has_vd};
+Problem make_problem(const AttnArgs& a) {
+  return {static_cast<int>(a.q.size(0)), static_cast<int>(a.q.size(1)), static_cast<int>(a.q.size(2)),
+          static_cast<int>(a.k.size(2)),  static_cast<int>(a.q.size(3)), a.causal, static_cast<float>(a.scale),
+          a.qd.defined(), a.kd.defined(), a.vd.defined()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda_glue(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qd, const at::Tensor& kd,
-    const at::Tensor& vd, bool causal, double scale) {
-  if (!kernel_covers(q, k)) return forward_chunked(q, k, v, qd, kd, vd, causal, scale);
+Outputs dual_attention_cuda(const AttnArgs& a) {
+  check_backend(a.q, a.op, "q", c10::DeviceType::CUDA);
+  if (!kernel_covers(a.q, a.k)) return forward_chunked(a);
+  const at::Tensor& q = a.q;
   const c10::cuda::CUDAGuard guard(q.device());
-  const std::array<at::Tensor, 6> ts = vector_ready(q, k, v, qd, kd, vd);
+  const std::array<at::Tensor, 6> ts = vector_ready(a);
   at::Tensor o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor o_dot = at::empty_like(o);
   at::Tensor lse = at::empty(q.sizes().slice(0, 3), q.options().dtype(at::kFloat));
   at::Tensor mu = at::empty_like(lse);
-  const Problem p = make_problem(q, k, qd.defined(), kd.defined(), vd.defined(), causal, scale);
-  PYFLOWMAP_CUDA_DISPATCH(q.scalar_type(), "dual_attention", {
-    if constexpr (sizeof(T) == 2) {
-      PYFLOWMAP_CHECK_LAUNCH(forward_cuda<T>(make_inputs<T, TT>(ts), mptr<T, TT>(o), mptr<T, TT>(o_dot),
-                                             lse.mutable_data_ptr<float>(), mu.mutable_data_ptr<float>(), p,
-                                             current_stream()),
-                             "dual_attention");
-    }
-  })
+  const Problem p = make_problem(a);
+  dispatch_types(KernelTypes{}, q.scalar_type(), a.op, [&](auto tag) {
+    using TT = typename decltype(tag)::type;
+    using T = cuda_type_t<TT>;
+    PYFLOWMAP_CHECK_LAUNCH(forward_cuda<T>(make_inputs<TT>(ts), cuda_mptr<TT>(o), cuda_mptr<TT>(o_dot),
+                                           mptr<float>(lse), mptr<float>(mu), p, current_stream()),
+                           a.op);
+  });
   return {o, o_dot, lse, mu};
 }
 
-Grads backward_cuda_glue(const at::Tensor& g, const at::Tensor& gd, const at::Tensor& q, const at::Tensor& k,
-                         const at::Tensor& v, const at::Tensor& qd, const at::Tensor& kd, const at::Tensor& vd,
-                         const at::Tensor& o, const at::Tensor& od, const at::Tensor& lse, const at::Tensor& mu,
-                         bool causal, double scale) {
-  if (!kernel_covers(q, k)) return backward_chunked(g, gd, q, k, v, qd, kd, vd, o, od, lse, mu, causal, scale);
+Grads dual_attention_backward_cuda(const AttnArgs& a) {
+  check_backend(a.q, a.op, "q", c10::DeviceType::CUDA);
+  if (!kernel_covers(a.q, a.k)) return backward_chunked(a);
+  const at::Tensor &q = a.q, &k = a.k, &gd = a.gd;
   const c10::cuda::CUDAGuard guard(q.device());
-  const std::array<at::Tensor, 6> ts = vector_ready(q, k, v, qd, kd, vd);
-  const at::Tensor gc = g.contiguous(), gdc = gd.defined() ? gd.contiguous() : at::Tensor();
-  const at::Tensor oc = o.contiguous(), odc = od.contiguous(), lsec = lse.contiguous(), muc = mu.contiguous();
+  const std::array<at::Tensor, 6> ts = vector_ready(a);
+  const at::Tensor gc = a.g.contiguous(), gdc = gd.defined() ? gd.contiguous() : at::Tensor();
+  const at::Tensor oc = a.o.contiguous(), odc = a.od.contiguous(), lsec = a.lse.contiguous(), muc = a.mu.contiguous();
   const auto fopt = q.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
   const auto topt = q.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor scratch = at::empty({3 * q.size(0) * q.size(1) * q.size(2)}, fopt);
   at::Tensor dq = at::zeros(q.sizes(), fopt);
-  at::Tensor dqd = qd.defined() ? at::zeros(q.sizes(), fopt) : at::Tensor();
+  at::Tensor dqd = a.qd.defined() ? at::zeros(q.sizes(), fopt) : at::Tensor();
   // keys are always written by the kernel when there are queries; with none, or for a tangent
   // that gets no gradient (no dL/dO_dot), the result is zeros
   auto key_grad = [&](bool present, bool written) {
@@ -303,78 +347,50 @@ Grads backward_cuda_glue(const at::Tensor& g, const at::Tensor& gd, const at::Te
     return written && q.size(2) > 0 ? at::empty(k.sizes(), topt) : at::zeros(k.sizes(), topt);
   };
   at::Tensor dk = key_grad(true, true), dv = key_grad(true, true);
-  at::Tensor dkd = key_grad(kd.defined(), gd.defined()), dvd = key_grad(vd.defined(), gd.defined());
-  const Problem p = make_problem(q, k, qd.defined(), kd.defined(), vd.defined(), causal, scale);
-  PYFLOWMAP_CUDA_DISPATCH(q.scalar_type(), "dual_attention_backward", {
-    if constexpr (sizeof(T) == 2) {
-      auto opt_m = [](at::Tensor& t) { return t.defined() ? mptr<T, TT>(t) : nullptr; };
-      PYFLOWMAP_CHECK_LAUNCH(
-          backward_cuda<T>(make_inputs<T, TT>(ts), cptr<T, TT>(gc), cptr<T, TT>(gdc), cptr<T, TT>(oc),
-                           cptr<T, TT>(odc), lsec.const_data_ptr<float>(), muc.const_data_ptr<float>(),
-                           scratch.mutable_data_ptr<float>(), dq.mutable_data_ptr<float>(),
-                           dqd.defined() ? dqd.mutable_data_ptr<float>() : nullptr, mptr<T, TT>(dk), mptr<T, TT>(dv),
-                           gd.defined() ? opt_m(dkd) : nullptr, gd.defined() ? opt_m(dvd) : nullptr, p,
-                           current_stream()),
-          "dual_attention_backward");
-    }
-  })
+  at::Tensor dkd = key_grad(a.kd.defined(), gd.defined()), dvd = key_grad(a.vd.defined(), gd.defined());
+  const Problem p = make_problem(a);
+  dispatch_types(KernelTypes{}, q.scalar_type(), a.op, [&](auto tag) {
+    using TT = typename decltype(tag)::type;
+    using T = cuda_type_t<TT>;
+    PYFLOWMAP_CHECK_LAUNCH(
+        backward_cuda<T>(make_inputs<TT>(ts), cuda_cptr<TT>(gc), cuda_cptr<TT>(gdc), cuda_cptr<TT>(oc),
+                         cuda_cptr<TT>(odc), cptr<float>(lsec), cptr<float>(muc), mptr<float>(scratch),
+                         mptr<float>(dq), mptr<float>(dqd), cuda_mptr<TT>(dk), cuda_mptr<TT>(dv),
+                         gd.defined() ? cuda_mptr<TT>(dkd) : nullptr, gd.defined() ? cuda_mptr<TT>(dvd) : nullptr, p,
+                         current_stream()),
+        a.op);
+  });
   auto out = [&](const at::Tensor& t) { return t.defined() ? t.to(q.scalar_type()) : at::empty({0}, q.options()); };
   return {out(dq), out(dk), out(dv), out(dqd), out(dkd), out(dvd)};
 }
 #endif
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_attention(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Opt& q_dot, const Opt& k_dot,
-    const Opt& v_dot, bool causal, double scale) {
-  const at::Tensor qd = get(q_dot), kd = get(k_dot), vd = get(v_dot);
-  check_inputs(q, k, v, qd, kd, vd, scale, "dual_attention");
-#ifdef PYFLOWMAP_WITH_CUDA
-  if (q.is_cuda()) return forward_cuda_glue(q, k, v, qd, kd, vd, causal, scale);
-#endif
-  return forward_chunked(q, k, v, qd, kd, vd, causal, scale);
+// The schemas' entries for backend Run (the functions above).
+template <auto Run>
+Outputs dual_attention_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Opt& q_dot,
+                             const Opt& k_dot, const Opt& v_dot, bool causal, double scale) {
+  return Run(prepare(q, k, v, q_dot, k_dot, v_dot, causal, scale, "dual_attention"));
 }
 
-void check_backward(const at::Tensor& g, const at::Tensor& gd, const at::Tensor& q, const at::Tensor& o,
-                    const at::Tensor& od, const at::Tensor& lse, const at::Tensor& mu) {
-  const char* op = "dual_attention_backward";
-  for (auto [t, name] : {std::pair{&g, "grad_o"}, std::pair{&gd, "grad_o_dot"}, std::pair{&o, "o"},
-                         std::pair{&od, "o_dot"}}) {
-    if (!t->defined()) continue;
-    TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type() && t->device() == q.device(), op,
-                ": `", name, "` must match `q` in shape ", fmt(q.sizes()), ", dtype and device, got ",
-                fmt(t->sizes()), " ", t->scalar_type());
-  }
-  const auto stat = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  for (auto [t, name] : {std::pair{&lse, "lse"}, std::pair{&mu, "mu"}}) {
-    TORCH_CHECK(t->sizes() == q.sizes().slice(0, 3) && t->scalar_type() == stat && t->device() == q.device(), op,
-                ": `", name, "` must be the forward's row statistic [batch, heads, Nq] in ", stat);
-  }
-}
-
-Grads dual_attention_backward(const at::Tensor& grad_o, const Opt& grad_o_dot, const at::Tensor& q,
-                              const at::Tensor& k, const at::Tensor& v, const Opt& q_dot, const Opt& k_dot,
-                              const Opt& v_dot, const at::Tensor& o, const at::Tensor& o_dot,
-                              const at::Tensor& lse, const at::Tensor& mu, bool causal, double scale) {
-  const at::Tensor qd = get(q_dot), kd = get(k_dot), vd = get(v_dot), gd = get(grad_o_dot);
-  check_inputs(q, k, v, qd, kd, vd, scale, "dual_attention_backward");
-  check_backward(grad_o, gd, q, o, o_dot, lse, mu);
-#ifdef PYFLOWMAP_WITH_CUDA
-  if (q.is_cuda()) return backward_cuda_glue(grad_o, gd, q, k, v, qd, kd, vd, o, o_dot, lse, mu, causal, scale);
-#endif
-  return backward_chunked(grad_o, gd, q, k, v, qd, kd, vd, o, o_dot, lse, mu, causal, scale);
+template <auto Run>
+Grads dual_attention_backward_entry(const at::Tensor& grad_o, const Opt& grad_o_dot, const at::Tensor& q,
+                                    const at::Tensor& k, const at::Tensor& v, const Opt& q_dot, const Opt& k_dot,
+                                    const Opt& v_dot, const at::Tensor& o, const at::Tensor& o_dot,
+                                    const at::Tensor& lse, const at::Tensor& mu, bool causal, double scale) {
+  return Run(prepare_backward(grad_o, grad_o_dot, q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, causal, scale));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyflowmap, CPU, m) {
-  m.impl("dual_attention", &dual_attention);
-  m.impl("dual_attention_backward", &dual_attention_backward);
+  m.impl("dual_attention", &dual_attention_entry<dual_attention_cpu>);
+  m.impl("dual_attention_backward", &dual_attention_backward_entry<dual_attention_backward_cpu>);
 }
 
 #ifdef PYFLOWMAP_WITH_CUDA
 TORCH_LIBRARY_IMPL(pyflowmap, CUDA, m) {
-  m.impl("dual_attention", &dual_attention);
-  m.impl("dual_attention_backward", &dual_attention_backward);
+  m.impl("dual_attention", &dual_attention_entry<dual_attention_cuda>);
+  m.impl("dual_attention_backward", &dual_attention_backward_entry<dual_attention_backward_cuda>);
 }
 #endif
 

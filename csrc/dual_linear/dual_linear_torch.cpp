@@ -20,18 +20,16 @@ at::Tensor dual_linear(const at::Tensor& xx, const at::Tensor& weight,
   TORCH_CHECK(weight.dim() == 2, "dual_linear: `weight` must be [out, in], got ", fmt(weight.sizes()));
   TORCH_CHECK(xx.size(-1) == weight.size(1), "dual_linear: `xx` has ", fmt(xx.size(-1)),
               " features but `weight` expects ", fmt(weight.size(1)));
-  TORCH_CHECK(xx.scalar_type() == weight.scalar_type(), "dual_linear: `xx` dtype ",
-              xx.scalar_type(), " differs from `weight` dtype ", weight.scalar_type());
-  TORCH_CHECK(xx.device() == weight.device(), "dual_linear: `xx` is on ", xx.device(),
-              " but `weight` is on ", weight.device());
+  check_same_dtype(xx, weight, "dual_linear", "xx", "weight");
+  check_same_device(xx, weight, "dual_linear", "xx", "weight");
   const int64_t out_features = weight.size(0);
   const at::Tensor x2 = xx.reshape({-1, xx.size(-1)});
   at::Tensor y = at::mm(x2, weight.t());
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features,
                 "dual_linear: `bias` must have shape [", fmt(out_features), "], got ", fmt(bias->sizes()));
-    TORCH_CHECK(bias->scalar_type() == xx.scalar_type() && bias->device() == xx.device(),
-                "dual_linear: `bias` must match `xx` in dtype and device");
+    check_same_dtype(*bias, xx, "dual_linear", "bias", "xx");
+    check_same_device(*bias, xx, "dual_linear", "bias", "xx");
     y.narrow(0, 0, x2.size(0) / 2).add_(*bias);  // stacking is along dim 0: the first half of the rows is primal
   }
   std::vector<int64_t> shape(xx.sizes().begin(), xx.sizes().end());

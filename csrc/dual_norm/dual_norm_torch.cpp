@@ -3,6 +3,7 @@
 // pyflowmap/ops/dual_norm.py).
 #include "common/checks.h"
 #include "common/cuda_glue.h"
+#include "common/dispatch.h"
 #include "common/format.h"
 #include "dual_norm/dual_norm.h"
 
@@ -14,171 +15,156 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace pyflowmap::dual_norm {
 namespace {
 
-Shape make_shape(const at::Tensor& xx, const std::optional<at::Tensor>& weight,
-                 const std::optional<at::Tensor>& bias, int64_t len, int64_t groups, int64_t spatial,
-                 bool center, double eps, const char* op) {
-  const auto dt = xx.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || (xx.is_cuda() && (dt == at::kHalf || dt == at::kBFloat16)),
-              op, ": `xx` must be float32 or float64 (or float16 / bfloat16 on CUDA), got ", dt);
+// The dtypes the kernels are instantiated for (dual_norm_cpu.cpp, dual_norm.cu).
+using CpuTypes = dtypes<float, double>;
+using CudaTypes = dtypes<float, double, c10::Half, c10::BFloat16>;
+
+struct NormArgs {
+  const char* op;
+  Shape s;
+  at::Tensor xx, weight, bias;  // contiguous; weight / bias undefined when absent
+  at::Tensor grad, mean, rstd;  // the backward's (contiguous); undefined for the forward
+  std::array<bool, 3> mask;     // the backward's output_mask
+};
+
+// The checks of both ops for every device; the backward passes no bias and its grad / mean /
+// rstd (the forward: undefined `grad`).
+NormArgs prepare(const at::Tensor& xx, const std::optional<at::Tensor>& weight_in,
+                 const std::optional<at::Tensor>& bias_in, const at::Tensor& grad, const at::Tensor& mean,
+                 const at::Tensor& rstd, int64_t len, int64_t groups, int64_t spatial, bool center, double eps,
+                 std::array<bool, 3> mask, const char* op) {
+  check_floating(xx, op, "xx", CpuTypes::scalar_types, CudaTypes::scalar_types);
   TORCH_CHECK(len >= 1 && groups >= 1 && spatial >= 1 && len % spatial == 0, op,
               ": invalid row layout len=", fmt(len), " groups=", fmt(groups), " spatial=", fmt(spatial));
   check_stacked(xx, op, "xx");
   TORCH_CHECK(xx.numel() % (2 * len * groups) == 0, op, ": `xx` with ", fmt(xx.numel()),
               " elements does not split into rows of ", fmt(len), " in groups of ", fmt(groups));
   TORCH_CHECK(eps > 0, op, ": `eps` must be positive");
-  Shape s{xx.numel() / (2 * len), len, groups, spatial, groups * (len / spatial), center, eps};
-  for (const auto* p : {&weight, &bias}) {
-    if (p->has_value() && (*p)->defined()) {
-      TORCH_CHECK((*p)->numel() == s.channels, op, ": affine parameters must have ", fmt(s.channels),
-                  " elements, got ", fmt((*p)->numel()));
-      TORCH_CHECK((*p)->scalar_type() == xx.scalar_type() && (*p)->device() == xx.device(), op,
-                  ": affine parameters must match `xx` in dtype and device");
+  const Shape s{xx.numel() / (2 * len), len, groups, spatial, groups * (len / spatial), center, eps};
+  const at::Tensor weight = value_or_undefined(weight_in), bias = value_or_undefined(bias_in);
+  for (const auto& [p, name] : {std::pair{&weight, "weight"}, std::pair{&bias, "bias"}}) {
+    if (!p->defined()) continue;
+    TORCH_CHECK(p->numel() == s.channels, op, ": affine parameters must have ", fmt(s.channels), " elements, got ",
+                fmt(p->numel()), " in `", name, "`");
+    check_same_dtype(*p, xx, op, name, "xx");
+    check_same_device(*p, xx, op, name, "xx");
+  }
+  TORCH_CHECK(center || !bias.defined(), op, ": RMSNorm (center=False) takes no bias");
+  if (grad.defined()) {
+    check_like(grad, xx, op, "grad", "xx");
+    for (const auto& [t, name] : {std::pair{&mean, "mean"}, std::pair{&rstd, "rstd"}}) {
+      check_saved(*t, t->numel() == s.rows, at::kDouble, xx, op, name, "per-row statistics (float64, one per row)");
     }
   }
-  TORCH_CHECK(center || !(bias.has_value() && bias->defined()), op, ": RMSNorm (center=False) takes no bias");
-  return s;
+  auto contiguous = [](const at::Tensor& t) { return t.defined() ? t.contiguous() : t; };
+  return {op, s, xx.contiguous(), contiguous(weight), contiguous(bias), contiguous(grad), contiguous(mean),
+          contiguous(rstd), mask};
 }
 
-template <typename T>
-const T* opt_ptr(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; }
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
-}
-
-// The backward's own inputs against the forward's: same for every device.
-void check_backward_inputs(const at::Tensor& gyy, const at::Tensor& xx, const at::Tensor& mean,
-                           const at::Tensor& rstd, const Shape& s) {
-  TORCH_CHECK(gyy.sizes() == xx.sizes() && gyy.scalar_type() == xx.scalar_type() && gyy.device() == xx.device(),
-              "dual_norm_backward: `grad` must match `xx` in shape, dtype and device");
-  TORCH_CHECK(mean.numel() == s.rows && rstd.numel() == s.rows && mean.scalar_type() == at::kDouble &&
-                  rstd.scalar_type() == at::kDouble && mean.device() == xx.device() && rstd.device() == xx.device(),
-              "dual_norm_backward: `mean` and `rstd` must be the forward's per-row statistics");
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_norm_cpu(
-    const at::Tensor& xx_in, const std::optional<at::Tensor>& weight_in,
-    const std::optional<at::Tensor>& bias_in, int64_t len, int64_t groups, int64_t spatial,
-    bool center, double eps) {
-  const Shape s = make_shape(xx_in, weight_in, bias_in, len, groups, spatial, center, eps, "dual_norm");
-  TORCH_CHECK(xx_in.device().is_cpu(), "dual_norm (CPU kernel): `xx` must be on the CPU");
-  const at::Tensor xx = xx_in.contiguous();
-  const at::Tensor w = contiguous_or_undefined(weight_in), b = contiguous_or_undefined(bias_in);
-  at::Tensor yy = at::empty(xx.sizes(), xx.options());
-  at::Tensor mean = at::empty({s.rows}, xx.options().dtype(at::kDouble));
-  at::Tensor rstd = at::empty({s.rows}, xx.options().dtype(at::kDouble));
-  if (xx.scalar_type() == at::kFloat) {
-    forward_cpu<float>(xx.const_data_ptr<float>(), opt_ptr<float>(w), opt_ptr<float>(b),
-                       yy.mutable_data_ptr<float>(), mean.mutable_data_ptr<double>(),
-                       rstd.mutable_data_ptr<double>(), s);
-  } else {
-    forward_cpu<double>(xx.const_data_ptr<double>(), opt_ptr<double>(w), opt_ptr<double>(b),
-                        yy.mutable_data_ptr<double>(), mean.mutable_data_ptr<double>(),
-                        rstd.mutable_data_ptr<double>(), s);
-  }
+Outputs dual_norm_cpu(const NormArgs& a) {
+  check_backend(a.xx, a.op, "xx", c10::DeviceType::CPU);
+  at::Tensor yy = at::empty(a.xx.sizes(), a.xx.options());
+  at::Tensor mean = at::empty({a.s.rows}, a.xx.options().dtype(at::kDouble));
+  at::Tensor rstd = at::empty({a.s.rows}, a.xx.options().dtype(at::kDouble));
+  dispatch_types(CpuTypes{}, a.xx.scalar_type(), a.op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    forward_cpu<T>(cptr<T>(a.xx), cptr<T>(a.weight), cptr<T>(a.bias), mptr<T>(yy), mptr<double>(mean),
+                   mptr<double>(rstd), a.s);
+  });
   return {yy, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_norm_backward_cpu(
-    const at::Tensor& gyy_in, const at::Tensor& xx_in, const std::optional<at::Tensor>& weight_in,
-    const at::Tensor& mean, const at::Tensor& rstd, int64_t len, int64_t groups, int64_t spatial,
-    bool center, double eps, std::array<bool, 3> mask) {
-  const Shape s = make_shape(xx_in, weight_in, std::nullopt, len, groups, spatial, center, eps,
-                             "dual_norm_backward");
-  TORCH_CHECK(xx_in.device().is_cpu(), "dual_norm_backward (CPU kernel): `xx` must be on the CPU");
-  check_backward_inputs(gyy_in, xx_in, mean, rstd, s);
-  const at::Tensor xx = xx_in.contiguous(), gyy = gyy_in.contiguous();
-  const at::Tensor w = contiguous_or_undefined(weight_in);
-  const at::Tensor m = mean.contiguous(), r = rstd.contiguous();
-  at::Tensor gxx = at::empty(xx.sizes(), xx.options());
-  const bool need_w = mask[1] && w.defined(), need_b = mask[2];
-  at::Tensor gw = need_w ? at::empty({s.channels}, xx.options()) : at::Tensor();
-  at::Tensor gb = need_b ? at::empty({s.channels}, xx.options()) : at::Tensor();
-  if (xx.scalar_type() == at::kFloat) {
-    backward_cpu<float>(gyy.const_data_ptr<float>(), xx.const_data_ptr<float>(), opt_ptr<float>(w),
-                        m.const_data_ptr<double>(), r.const_data_ptr<double>(), gxx.mutable_data_ptr<float>(),
-                        need_w ? gw.mutable_data_ptr<float>() : nullptr,
-                        need_b ? gb.mutable_data_ptr<float>() : nullptr, s);
-  } else {
-    backward_cpu<double>(gyy.const_data_ptr<double>(), xx.const_data_ptr<double>(), opt_ptr<double>(w),
-                         m.const_data_ptr<double>(), r.const_data_ptr<double>(), gxx.mutable_data_ptr<double>(),
-                         need_w ? gw.mutable_data_ptr<double>() : nullptr,
-                         need_b ? gb.mutable_data_ptr<double>() : nullptr, s);
-  }
+Outputs dual_norm_backward_cpu(const NormArgs& a) {
+  check_backend(a.xx, a.op, "xx", c10::DeviceType::CPU);
+  at::Tensor gxx = at::empty(a.xx.sizes(), a.xx.options());
+  at::Tensor gw = a.mask[1] && a.weight.defined() ? at::empty({a.s.channels}, a.xx.options()) : at::Tensor();
+  at::Tensor gb = a.mask[2] ? at::empty({a.s.channels}, a.xx.options()) : at::Tensor();
+  dispatch_types(CpuTypes{}, a.xx.scalar_type(), a.op, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    backward_cpu<T>(cptr<T>(a.grad), cptr<T>(a.xx), cptr<T>(a.weight), cptr<double>(a.mean), cptr<double>(a.rstd),
+                    mptr<T>(gxx), mptr<T>(gw), mptr<T>(gb), a.s);
+  });
   return {gxx, gw, gb};
 }
 
 #ifdef PYFLOWMAP_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_norm_cuda(
-    const at::Tensor& xx_in, const std::optional<at::Tensor>& weight_in,
-    const std::optional<at::Tensor>& bias_in, int64_t len, int64_t groups, int64_t spatial,
-    bool center, double eps) {
-  const Shape s = make_shape(xx_in, weight_in, bias_in, len, groups, spatial, center, eps, "dual_norm");
-  TORCH_CHECK(xx_in.is_cuda(), "dual_norm (CUDA kernel): `xx` must be a CUDA tensor");
-  TORCH_CHECK(s.rows <= INT32_MAX, "dual_norm: more than 2^31 rows are not supported on CUDA");
-  const c10::cuda::CUDAGuard guard(xx_in.device());
-  const at::Tensor xx = xx_in.contiguous();
-  const at::Tensor w = contiguous_or_undefined(weight_in), b = contiguous_or_undefined(bias_in);
-  at::Tensor yy = at::empty(xx.sizes(), xx.options());
-  at::Tensor mean = at::empty({s.rows}, xx.options().dtype(at::kDouble));
-  at::Tensor rstd = at::empty({s.rows}, xx.options().dtype(at::kDouble));
-  PYFLOWMAP_CUDA_DISPATCH(xx.scalar_type(), "dual_norm", {
-    PYFLOWMAP_CHECK_LAUNCH(forward_cuda<T>(cptr<T, TT>(xx), cptr<T, TT>(w), cptr<T, TT>(b), mptr<T, TT>(yy),
-                                           mean.mutable_data_ptr<double>(), rstd.mutable_data_ptr<double>(), s,
+Outputs dual_norm_cuda(const NormArgs& a) {
+  check_backend(a.xx, a.op, "xx", c10::DeviceType::CUDA);
+  TORCH_CHECK(a.s.rows <= INT32_MAX, a.op, ": more than 2^31 rows are not supported on CUDA");
+  const c10::cuda::CUDAGuard guard(a.xx.device());
+  at::Tensor yy = at::empty(a.xx.sizes(), a.xx.options());
+  at::Tensor mean = at::empty({a.s.rows}, a.xx.options().dtype(at::kDouble));
+  at::Tensor rstd = at::empty({a.s.rows}, a.xx.options().dtype(at::kDouble));
+  dispatch_types(CudaTypes{}, a.xx.scalar_type(), a.op, [&](auto tag) {
+    using TT = typename decltype(tag)::type;
+    using T = cuda_type_t<TT>;
+    PYFLOWMAP_CHECK_LAUNCH(forward_cuda<T>(cuda_cptr<TT>(a.xx), cuda_cptr<TT>(a.weight), cuda_cptr<TT>(a.bias),
+                                           cuda_mptr<TT>(yy), mptr<double>(mean), mptr<double>(rstd), a.s,
                                            current_stream()),
-                           "dual_norm");
-  })
+                           a.op);
+  });
   return {yy, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_norm_backward_cuda(
-    const at::Tensor& gyy_in, const at::Tensor& xx_in, const std::optional<at::Tensor>& weight_in,
-    const at::Tensor& mean, const at::Tensor& rstd, int64_t len, int64_t groups, int64_t spatial,
-    bool center, double eps, std::array<bool, 3> mask) {
-  const Shape s = make_shape(xx_in, weight_in, std::nullopt, len, groups, spatial, center, eps,
-                             "dual_norm_backward");
-  TORCH_CHECK(xx_in.is_cuda(), "dual_norm_backward (CUDA kernel): `xx` must be a CUDA tensor");
-  check_backward_inputs(gyy_in, xx_in, mean, rstd, s);
-  const c10::cuda::CUDAGuard guard(xx_in.device());
-  const at::Tensor xx = xx_in.contiguous(), gyy = gyy_in.contiguous();
-  const at::Tensor w = contiguous_or_undefined(weight_in);
-  const at::Tensor m = mean.contiguous(), r = rstd.contiguous();
-  at::Tensor gxx = at::empty(xx.sizes(), xx.options());
-  const bool need_w = mask[1] && w.defined(), need_b = mask[2];
+Outputs dual_norm_backward_cuda(const NormArgs& a) {
+  check_backend(a.xx, a.op, "xx", c10::DeviceType::CUDA);
+  TORCH_CHECK(a.s.rows <= INT32_MAX, a.op, ": more than 2^31 rows are not supported on CUDA");
+  const c10::cuda::CUDAGuard guard(a.xx.device());
+  at::Tensor gxx = at::empty(a.xx.sizes(), a.xx.options());
   // zeros, not empty: with no rows the kernels write nothing and the gradients are 0
-  at::Tensor gw = need_w ? at::zeros({s.channels}, xx.options()) : at::Tensor();
-  at::Tensor gb = need_b ? at::zeros({s.channels}, xx.options()) : at::Tensor();
-  TORCH_CHECK(s.rows <= INT32_MAX, "dual_norm_backward: more than 2^31 rows are not supported on CUDA");
-  const auto dopt = xx.options().dtype(at::kDouble);
-  at::Tensor row_ab = at::empty({2 * s.rows}, dopt);
-  at::Tensor partial = at::empty({2 * partial_chunks(s) * s.channels}, dopt);
-  PYFLOWMAP_CUDA_DISPATCH(xx.scalar_type(), "dual_norm_backward", {
-    PYFLOWMAP_CHECK_LAUNCH(backward_cuda<T>(cptr<T, TT>(gyy), cptr<T, TT>(xx), cptr<T, TT>(w),
-                                            m.const_data_ptr<double>(), r.const_data_ptr<double>(), mptr<T, TT>(gxx),
-                                            need_w ? mptr<T, TT>(gw) : nullptr, need_b ? mptr<T, TT>(gb) : nullptr,
-                                            row_ab.mutable_data_ptr<double>(), partial.mutable_data_ptr<double>(), s,
-                                            current_stream()),
-                           "dual_norm_backward");
-  })
+  at::Tensor gw = a.mask[1] && a.weight.defined() ? at::zeros({a.s.channels}, a.xx.options()) : at::Tensor();
+  at::Tensor gb = a.mask[2] ? at::zeros({a.s.channels}, a.xx.options()) : at::Tensor();
+  const auto dopt = a.xx.options().dtype(at::kDouble);
+  at::Tensor row_ab = at::empty({2 * a.s.rows}, dopt);
+  at::Tensor partial = at::empty({2 * partial_chunks(a.s) * a.s.channels}, dopt);
+  dispatch_types(CudaTypes{}, a.xx.scalar_type(), a.op, [&](auto tag) {
+    using TT = typename decltype(tag)::type;
+    using T = cuda_type_t<TT>;
+    PYFLOWMAP_CHECK_LAUNCH(backward_cuda<T>(cuda_cptr<TT>(a.grad), cuda_cptr<TT>(a.xx), cuda_cptr<TT>(a.weight),
+                                            cptr<double>(a.mean), cptr<double>(a.rstd), cuda_mptr<TT>(gxx),
+                                            cuda_mptr<TT>(gw), cuda_mptr<TT>(gb), mptr<double>(row_ab),
+                                            mptr<double>(partial), a.s, current_stream()),
+                           a.op);
+  });
   return {gxx, gw, gb};
 }
 #endif
 
+// The schemas' entries for backend Run (the functions above).
+template <auto Run>
+Outputs dual_norm_entry(const at::Tensor& xx, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, int64_t len, int64_t groups, int64_t spatial,
+                        bool center, double eps) {
+  return Run(prepare(xx, weight, bias, at::Tensor(), at::Tensor(), at::Tensor(), len, groups, spatial, center, eps,
+                     {}, "dual_norm"));
+}
+
+template <auto Run>
+Outputs dual_norm_backward_entry(const at::Tensor& grad, const at::Tensor& xx, const std::optional<at::Tensor>& weight,
+                                 const at::Tensor& mean, const at::Tensor& rstd, int64_t len, int64_t groups,
+                                 int64_t spatial, bool center, double eps, std::array<bool, 3> mask) {
+  return Run(prepare(xx, weight, std::nullopt, grad, mean, rstd, len, groups, spatial, center, eps, mask,
+                     "dual_norm_backward"));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyflowmap, CPU, m) {
-  m.impl("dual_norm", &dual_norm_cpu);
-  m.impl("dual_norm_backward", &dual_norm_backward_cpu);
+  m.impl("dual_norm", &dual_norm_entry<dual_norm_cpu>);
+  m.impl("dual_norm_backward", &dual_norm_backward_entry<dual_norm_backward_cpu>);
 }
 
 #ifdef PYFLOWMAP_WITH_CUDA
 TORCH_LIBRARY_IMPL(pyflowmap, CUDA, m) {
-  m.impl("dual_norm", &dual_norm_cuda);
-  m.impl("dual_norm_backward", &dual_norm_backward_cuda);
+  m.impl("dual_norm", &dual_norm_entry<dual_norm_cuda>);
+  m.impl("dual_norm_backward", &dual_norm_backward_entry<dual_norm_backward_cuda>);
 }
 #endif
 

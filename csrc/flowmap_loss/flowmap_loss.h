@@ -27,15 +27,17 @@ struct Residual {
   double scale;
 };
 
-// Acc is float for float/bf16 inputs and double for double. Writes m (B values) and returns
-// sum_i w_i m_i, summed in a fixed order (deterministic whatever the thread count).
+// CPU launchers (T: float, double, c10::BFloat16; Acc float, double for double). Forward
+// writes m[B] and returns the loss mean_i w_i m_i in double, summed in a fixed order
+// (deterministic whatever the thread count). Backward computes coef_i (B values of scratch)
+// from g_loss (read in double) and g_m, then dpred; the CUDA launchers below mirror both.
 template <typename T, typename Acc>
 double forward_cpu(const Residual<T>& res, const Acc* weight, Acc* m, int64_t batch, int64_t inner,
                    Metric metric, double c);
 
-// coef_i = g_i computed by the glue from m; writes dpred_ij = coef_i r_ij scale.
 template <typename T, typename Acc>
-void backward_cpu(const Residual<T>& res, const Acc* coef, T* dpred, int64_t batch, int64_t inner);
+void backward_cpu(const Residual<T>& res, const Acc* weight, const Acc* m, double g_loss, const Acc* g_m,
+                  Acc* coef, T* dpred, int64_t batch, int64_t inner, Metric metric, double c);
 
 // CUDA launchers (T: float, double, __half, __nv_bfloat16; Acc float, double for double).
 // Forward writes m[B] and loss[0] = mean_i w_i m_i (a fixed-order block reduction:

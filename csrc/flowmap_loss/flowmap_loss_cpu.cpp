@@ -157,11 +157,23 @@ double forward_cpu(const Residual<T>& res_in, const Acc* weight, Acc* m, int64_t
   });
   double total = 0.0;
   for (double v : partial) total += v;
-  return total;
+  return total / static_cast<double>(batch);
 }
 
 template <typename T, typename Acc>
-void backward_cpu(const Residual<T>& res_in, const Acc* coef, T* dpred, int64_t batch, int64_t inner) {
+void backward_cpu(const Residual<T>& res_in, const Acc* weight, const Acc* m, double g_loss, const Acc* g_m,
+                  Acc* coef, T* dpred, int64_t batch, int64_t inner, Metric metric, double c) {
+  // coef_i = (g_loss w_i / B + g_m_i) m'(d_i) 2 in double: B values, a plain serial loop (not an
+  // ISA clone, whose FMA contraction would change the rounding).
+  const double g0 = g_loss / static_cast<double>(batch);
+  for (int64_t i = 0; i < batch; ++i) {
+    const double outer = g0 * (weight ? static_cast<double>(weight[i]) : 1.0) + (g_m ? g_m[i] : 0.0);
+    // m'(d): 1 for l2sq; 1 / (2 sqrt(d + c^2)) = 1 / (2 (m + c)) for pseudo-Huber, with the
+    // subgradient 0 at the kink d = 0 of the plain L2 norm (c = 0).
+    const double denom = static_cast<double>(m[i]) + c;
+    const double mprime = metric == Metric::kL2Sq ? 1.0 : (denom > 0 ? 0.5 / denom : 0.0);
+    coef[i] = static_cast<Acc>(2.0 * outer * mprime);
+  }
   const auto res = raw(res_in);
   using R = typename Raw<T>::R;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1));
@@ -170,10 +182,11 @@ void backward_cpu(const Residual<T>& res_in, const Acc* coef, T* dpred, int64_t 
   });
 }
 
-#define PYFLOWMAP_INSTANTIATE(T, Acc)                                                                 \
-  template double forward_cpu<T, Acc>(const Residual<T>&, const Acc*, Acc*, int64_t, int64_t, Metric, \
-                                      double);                                                        \
-  template void backward_cpu<T, Acc>(const Residual<T>&, const Acc*, T*, int64_t, int64_t);
+#define PYFLOWMAP_INSTANTIATE(T, Acc)                                                                       \
+  template double forward_cpu<T, Acc>(const Residual<T>&, const Acc*, Acc*, int64_t, int64_t, Metric,       \
+                                      double);                                                              \
+  template void backward_cpu<T, Acc>(const Residual<T>&, const Acc*, const Acc*, double, const Acc*, Acc*, T*, \
+                                     int64_t, int64_t, Metric, double);
 PYFLOWMAP_INSTANTIATE(float, float)
 PYFLOWMAP_INSTANTIATE(double, double)
 PYFLOWMAP_INSTANTIATE(c10::BFloat16, float)

@@ -74,9 +74,8 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 }  // namespace
 
 template <typename T, typename TimeT>
-int flowmap_step_cuda(const T* x, const T* v, const TimeT* s, const TimeT* t, T* out,
-                      int64_t batch, int64_t inner, int64_t s_stride, int64_t t_stride,
-                      CUstream_st* stream) {
+int forward_cuda(const T* x, const T* v, const TimeT* s, const TimeT* t, T* out, int64_t batch, int64_t inner,
+                 int64_t s_stride, int64_t t_stride, CUstream_st* stream) {
   if (batch == 0 || inner == 0) return static_cast<int>(cudaSuccess);
   constexpr int kVec = 16 / sizeof(T);
   if (inner % kVec == 0 && aligned16(x) && aligned16(v) && aligned16(out)) {
@@ -88,8 +87,8 @@ int flowmap_step_cuda(const T* x, const T* v, const TimeT* s, const TimeT* t, T*
 }
 
 #define PYFLOWMAP_INSTANTIATE(T, TimeT)                                                          \
-  template int flowmap_step_cuda<T, TimeT>(const T*, const T*, const TimeT*, const TimeT*, T*,   \
-                                           int64_t, int64_t, int64_t, int64_t, CUstream_st*);
+  template int forward_cuda<T, TimeT>(const T*, const T*, const TimeT*, const TimeT*, T*, int64_t, int64_t, \
+                                      int64_t, int64_t, CUstream_st*);
 PYFLOWMAP_INSTANTIATE(float, float)
 PYFLOWMAP_INSTANTIATE(double, double)
 PYFLOWMAP_INSTANTIATE(__half, float)

@@ -30,7 +30,7 @@ inline void short_rows(const T* __restrict__ x, const T* __restrict__ v, const T
 }  // namespace
 
 template <typename T, typename TimeT>
-void flowmap_step_cpu(const T* __restrict__ x, const T* __restrict__ v, const TimeT* __restrict__ s,
+void forward_cpu(const T* __restrict__ x, const T* __restrict__ v, const TimeT* __restrict__ s,
                       const TimeT* __restrict__ t, T* __restrict__ out, int64_t batch, int64_t inner,
                       int64_t s_stride, int64_t t_stride) {
   // out is freshly allocated by the glue, so it never aliases an input.
@@ -82,8 +82,8 @@ void flowmap_step_cpu(const T* __restrict__ x, const T* __restrict__ v, const Ti
 }
 
 #define PYFLOWMAP_INSTANTIATE(T, TimeT)                                                        \
-  template void flowmap_step_cpu<T, TimeT>(const T*, const T*, const TimeT*, const TimeT*, T*, \
-                                           int64_t, int64_t, int64_t, int64_t);
+  template void forward_cpu<T, TimeT>(const T*, const T*, const TimeT*, const TimeT*, T*, int64_t, int64_t, \
+                                      int64_t, int64_t);
 PYFLOWMAP_INSTANTIATE(float, float)
 PYFLOWMAP_INSTANTIATE(double, double)
 PYFLOWMAP_INSTANTIATE(c10::BFloat16, float)
