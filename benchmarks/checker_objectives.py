@@ -16,14 +16,15 @@ import json
 import sys
 from pathlib import Path
 
-from pyflowmap.checkpoint import atomic_write
-from pyflowmap.config import TrainConfig
-from pyflowmap.evaluate import evaluate
-from pyflowmap.plots import plot_sample_grid
-from pyflowmap.train import CHECKPOINT, Trainer
+from pyflowmap.toy2d.config import TrainConfig
+from pyflowmap.toy2d.evaluate import evaluate
+from pyflowmap.toy2d.plots import plot_sample_grid
+from pyflowmap.toy2d.train import Trainer
+from pyflowmap.training import CHECKPOINT
+from pyflowmap.training.checkpoint import atomic_write
 
 OBJECTIVES = ["fm", "lsd", "esd", "psd-u", "psd-m"]
-PAPER = {  # MATH.md section 4: 4 x 512 MLP, batch 100k, 125k-150k steps (their KL estimator)
+PAPER = {  # docs/objectives.md section 16: 4 x 512 MLP, batch 100k, 125k-150k steps (their KL estimator)
     "lsd": [0.086, 0.077, 0.071, 0.070],
     "esd": [0.098, 0.092, 0.083, 0.082],
     "psd-m": [0.146, 0.089, 0.081, 0.072],

@@ -4,7 +4,7 @@ image run, next to the time of one training step.
     python benchmarks/checkpoint_io.py [--repeats 5]
 
 A checkpoint holds model, EMA, optimizer, scheduler, step, every RNG state, config and history;
-the write is a temporary file + fsync + rename + directory fsync (`pyflowmap.checkpoint`).
+the write is a temporary file + fsync + rename + directory fsync (`pyflowmap.training.checkpoint`).
 Resume = load + rebuild the trainer + restore state. Prints a markdown table of medians.
 """
 
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from pyflowmap.config import TrainConfig
-from pyflowmap.train import CHECKPOINT, Trainer
+from pyflowmap.toy2d.config import TrainConfig
+from pyflowmap.toy2d.train import Trainer
+from pyflowmap.training import CHECKPOINT
 
 
 def _median(fn, repeats: int) -> float:
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
         rows.append(measure("2D demo (MLP 4x256, batch 2048)",
                             lambda out: Trainer(TrainConfig(), out_dir=out, progress=False), Trainer, args.repeats, root))
         try:
-            from pyflowmap.images.train import ImageConfig, ImageTrainer
+            from pyflowmap.images.config import ImageConfig
+            from pyflowmap.images.train import ImageTrainer
 
             rows.append(measure("MNIST-5k image run (UNet ch 32, batch 64)",
                                 lambda out: ImageTrainer(ImageConfig(), out_dir=out, progress=False), ImageTrainer,

@@ -1,9 +1,13 @@
-"""Shared benchmark helpers: devices, synchronizing timed loops, byte accounting."""
+"""Shared benchmark setup: the device matrix, the machine in the session header, and the
+interleaved tables (benchmarks/harness.py) in the terminal summary."""
 
 import os
 
+import harness
 import pytest
 import torch
+from machine import machine_line
+from report import group_table
 
 import pyflowmap
 
@@ -12,31 +16,32 @@ _AVAILABLE = ["cpu"] + (["cuda"] if pyflowmap.has_cuda_kernels() else [])
 DEVICES = [d for d in os.environ.get("PYFLOWMAP_BENCH_DEVICES", ",".join(_AVAILABLE)).split(",") if d in _AVAILABLE]
 
 
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+def copy_floor(numel, device="cpu", dtype=torch.float32):
+    """A copy of ``numel`` elements into a preallocated buffer: the bytes-moved floor of a
+    streaming op (a copy of n elements reads n and writes n)."""
+    src = torch.empty(int(numel), device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
 
 
-def timed_loop(fn, device, inner: int):
-    """A callable running ``fn`` ``inner`` times then synchronizing, so GPU timings measure the
-    kernels and not one launch; pytest-benchmark divides nothing, so results record ``inner``."""
-
-    def run():
-        for _ in range(inner):
-            fn()
-        sync(device)
-
-    return run
+def clone_floor(numel, device="cpu", dtype=torch.float32):
+    """The same bytes into a fresh allocation, as an out-of-place op pays for its output."""
+    src = torch.empty(int(numel), device=device, dtype=dtype)
+    return lambda: src.clone()
 
 
-def bench(benchmark, fn, device, inner=None, **info):
-    """Time ``fn`` with pytest-benchmark; per-call seconds = reported time / inner."""
-    inner = inner or (50 if torch.device(device).type == "cuda" else 5)
-    loop = timed_loop(fn, device, inner)
-    loop()  # warm-up (and torch.compile's compilation)
-    benchmark.extra_info.update(info, inner=inner, device=str(device),
-                                torch=torch.__version__, build=str(pyflowmap.build_info()))
-    benchmark.pedantic(loop, rounds=10 if torch.device(device).type == "cuda" else 15, iterations=1, warmup_rounds=1)
+def pytest_report_header(config):
+    return machine_line()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not harness.RESULTS:
+        return
+    terminalreporter.section("interleaved comparisons (benchmarks/harness.py)")
+    terminalreporter.write_line(machine_line())
+    for group, extra in harness.RESULTS:
+        terminalreporter.write_line("")
+        terminalreporter.write_line(group_table(group, extra))
 
 
 @pytest.fixture(params=DEVICES)

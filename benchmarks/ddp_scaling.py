@@ -29,11 +29,12 @@ RUNS = {
 
 def _trainer(run: str):
     if run == "2d":
-        from pyflowmap.config import TrainConfig
-        from pyflowmap.train import Trainer
+        from pyflowmap.toy2d.config import TrainConfig
+        from pyflowmap.toy2d.train import Trainer
 
         return Trainer(TrainConfig(objective="lsd", derivative="dual"), progress=False)
-    from pyflowmap.images.train import ImageConfig, ImageTrainer
+    from pyflowmap.images.config import ImageConfig
+    from pyflowmap.images.train import ImageTrainer
 
     return ImageTrainer(ImageConfig(objective="lsd", derivative="dual", fsdp=run == "image-fsdp"), progress=False)
 

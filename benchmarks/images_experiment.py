@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from pyflowmap.checkpoint import atomic_write
+from pyflowmap.images.config import ImageConfig
 from pyflowmap.images.evaluate import evaluate_model
 from pyflowmap.images.metrics import ImageEvaluator
-from pyflowmap.images.train import ImageConfig, ImageTrainer, load_run
-from pyflowmap.train import CHECKPOINT
+from pyflowmap.images.train import ImageTrainer, load_run
+from pyflowmap.training import CHECKPOINT
+from pyflowmap.training.checkpoint import atomic_write
 
 METHODS = ("fm", "lsd", "esd", "psd-u", "psd-m", "meanflow", "ect", "ect-tuned")
 DISTILLED = ("lmd", "emd", "pfmm")

@@ -3,18 +3,19 @@
 
     python -m pytest benchmarks/test_bench_cuda.py --benchmark-json runs/bench_cuda.json
     python benchmarks/report.py runs/bench_cuda.json
+
+Each test is one comparison group, its variants interleaved round by round (benchmarks/harness.py).
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import DEVICES, copy_floor
+from harness import compare
+from models import PlainMLP, paper_mlp, train_step
 
 import pyflowmap as pf
 from pyflowmap import ops
-from pyflowmap.data import sample_data
-
-from conftest import DEVICES, bench
-from models import PlainMLP, paper_mlp, train_step
+from pyflowmap.toy2d.data import sample_data
 
 pytestmark = pytest.mark.skipif("cuda" not in DEVICES, reason="needs the CUDA kernels and a device")
 DEV = "cuda"
@@ -28,22 +29,18 @@ _compiled = {}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("variant", ["fused", "eager", "compile", "copy-floor"])
-def test_loss_fwd_bwd(benchmark, variant, dtype):
-    """(a) the flow-map loss forward + backward at 65536 x 784 (200 MB per fp32 stream)."""
+def test_loss_fwd_bwd(benchmark, dtype):
+    """(a) the flow-map loss forward + backward at 65536 x 784 (200 MB per fp32 stream):
+    fused vs eager vs torch.compile vs a copy of the same bytes."""
     pred = torch.randn(65536, 784, device=DEV, dtype=dtype).requires_grad_()
     target = torch.randn(65536, 784, device=DEV, dtype=dtype)
     n_bytes = 5 * pred.numel() * pred.element_size()  # fwd reads 2 streams; bwd reads 2, writes 1
     benchmark.group = f"flow-map loss fwd+bwd 65536x784 {str(dtype).split('.')[-1]} (cuda)"
-    if variant == "copy-floor":
-        src = torch.empty(int(2.5 * pred.numel()), device=DEV, dtype=dtype)
-        dst = torch.empty_like(src)
-        return bench(benchmark, lambda: dst.copy_(src), DEV, bytes=n_bytes)
-    if variant == "compile":
-        fn = _compiled.setdefault(dtype, torch.compile(_eager_loss))
-    else:
-        fn = {"fused": lambda p, t: ops.flowmap_loss(p, t)[0], "eager": _eager_loss}[variant]
-    bench(benchmark, lambda: torch.autograd.grad(fn(pred, target), pred), DEV, bytes=n_bytes)
+    losses = {"fused": lambda p, t: ops.flowmap_loss(p, t)[0], "eager": _eager_loss,
+              "compile": _compiled.setdefault(dtype, torch.compile(_eager_loss))}
+    fns = {k: (lambda f=f: torch.autograd.grad(f(pred, target), pred)) for k, f in losses.items()}
+    fns["copy-floor"] = copy_floor(2.5 * pred.numel(), DEV, dtype)
+    compare(benchmark, fns, DEV, bytes=n_bytes)
 
 
 def _mlp(batch):
@@ -63,43 +60,44 @@ def _unet(batch):
 
 
 @pytest.mark.parametrize("model", ["mlp-100k", "unet-256"])
-@pytest.mark.parametrize("variant", ["fused", "jvp", "two-primal"])
-def test_forward_tangent(benchmark, model, variant):
+def test_forward_tangent(benchmark, model):
     """(b) forward + tangent in t, no grad: dual vs two primal forwards vs torch.func.jvp."""
     net, x, s, t = _mlp(100_000) if model == "mlp-100k" else _unet(256)
-    fwd = PlainMLP(net) if (variant == "jvp" and model == "mlp-100k") else net
+    fwd = PlainMLP(net).to(DEV) if model == "mlp-100k" else net  # jvp on stock layers where they exist
     one = torch.ones_like(t)
     fns = {
+        "two-primal": lambda: (net(x, s, t), net(x, s, t)),
         "fused": lambda: net(x, s, t, tangents=(None, None, one)),
         "jvp": lambda: torch.func.jvp(fwd, (x, s, t), (torch.zeros_like(x), torch.zeros_like(s), one)),
-        "two-primal": lambda: (net(x, s, t), net(x, s, t)),
     }
     benchmark.group = f"forward + tangent, {model} (cuda)"
     with torch.no_grad():
-        bench(benchmark, fns[variant], DEV, inner=10)
+        compare(benchmark, fns, DEV, baseline="two-primal", inner=10)
 
 
-@pytest.mark.parametrize("model", ["mlp-100k", "unet-128"])
-@pytest.mark.parametrize("variant", ["fused", "jvp"])
-def test_lsd_step(benchmark, model, variant):
-    """(c) one LSD training step, all samples off-diagonal: dual fused vs torch.func.jvp."""
+def _lsd_step(model, variant):
+    """One LSD step with all samples off-diagonal, on its own freshly built network."""
     if model == "mlp-100k":
         net, _, _, _ = _mlp(8)
         x1 = sample_data("checker", 100_000, generator=torch.Generator().manual_seed(0)).to(DEV)
-        fm = pf.FlowMap(PlainMLP(net) if variant == "jvp" else net)
+        fm = pf.FlowMap(PlainMLP(net).to(DEV) if variant == "jvp" else net)
     else:
         net, x1, _, _ = _unet(128)
         fm = pf.FlowMap(net)  # primal mode: torch.func.jvp runs its forward-AD rules
     objective = pf.make_objective("lsd", derivative="jvp" if variant == "jvp" else "dual",
                                   times=pf.TimeSampler(diag_fraction=0.0))
-    step = train_step(objective, fm, x1, torch.Generator(device=DEV))
+    return train_step(objective, fm, x1, torch.Generator(device=DEV))
+
+
+@pytest.mark.parametrize("model", ["mlp-100k", "unet-128"])
+def test_lsd_step(benchmark, model):
+    """(c) one LSD training step, all samples off-diagonal: dual fused vs torch.func.jvp."""
     benchmark.group = f"LSD step, {model}, all off-diagonal (cuda)"
-    bench(benchmark, step, DEV, inner=3)
+    compare(benchmark, {v: _lsd_step(model, v) for v in ("fused", "jvp")}, DEV, inner=3)
 
 
 @pytest.mark.parametrize("batch", [1, 1024])
-@pytest.mark.parametrize("variant", ["graph", "eager", "one-forward"])
-def test_sampling_8_steps(benchmark, batch, variant):
+def test_sampling_8_steps(benchmark, batch):
     """(d) 8-step flow-map sampling: the whole loop in one CUDA graph vs eager; per-step
     overhead = (loop time - 8 network forwards) / 8, from 'one-forward'."""
     net, x, s, t = _mlp(batch)
@@ -111,4 +109,4 @@ def test_sampling_8_steps(benchmark, batch, variant):
             "one-forward": lambda: net(x, s, t),
         }
         benchmark.group = f"8-step sampling, batch {batch} (cuda)"
-        bench(benchmark, fns[variant], DEV, inner=50)
+        compare(benchmark, fns, DEV, baseline="graph", inner=50)

@@ -3,14 +3,16 @@ the reference twin, and the memory floor (a device copy of the same bytes).
 
     python -m pytest benchmarks/test_bench_flowmap_step.py --benchmark-json runs/bench_step.json
     python benchmarks/report.py runs/bench_step.json
+
+One test per (shape, dtype, device): its variants interleaved round by round (benchmarks/harness.py).
 """
 
 import pytest
 import torch
+from conftest import clone_floor, copy_floor
+from harness import compare
 
 from pyflowmap import ops, reference
-
-from conftest import bench
 
 SHAPES = {
     "2d-64k": (65536, 2),             # the 2D sampler at evaluation size
@@ -52,24 +54,18 @@ def inputs(shape, device, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("variant", list(VARIANTS) + ["copy-floor", "clone-floor"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_flowmap_step(benchmark, device, shape, variant, dtype):
-    if device == "cpu" and dtype == torch.bfloat16 and variant == "compile":
-        pytest.skip("inductor bf16 CPU codegen is not what users run")
+def test_flowmap_step(benchmark, device, shape, dtype):
     x, v, s, t = inputs(SHAPES[shape], device, dtype)
     n_bytes = 3 * x.numel() * x.element_size()  # read x, v; write out
     benchmark.group = f"flowmap_step {shape} {str(dtype).split('.')[-1]} {device}"
-    if variant == "copy-floor":
-        # a copy of 1.5x the tensor moves the same bytes (read + write) as the op's 3 streams
-        src = torch.empty(int(1.5 * x.numel()), device=device, dtype=dtype)
-        dst = torch.empty_like(src)
-        bench(benchmark, lambda: dst.copy_(src), device, bytes=n_bytes)
-        return
-    if variant == "clone-floor":
-        # the same bytes into a fresh allocation, as an out-of-place op pays for its output
-        src = torch.empty(int(1.5 * x.numel()), device=device, dtype=dtype)
-        bench(benchmark, lambda: src.clone(), device, bytes=n_bytes)
-        return
-    fn = VARIANTS[variant]
-    bench(benchmark, lambda: fn(x, v, s, t), device, bytes=n_bytes)
+    skipped = {}
+    fns = {name: (lambda fn=fn: fn(x, v, s, t)) for name, fn in VARIANTS.items()}
+    if device == "cpu" and dtype == torch.bfloat16:
+        del fns["compile"]
+        skipped["compile"] = "inductor bf16 CPU codegen is not what users run"
+    # a copy of 1.5x the tensor moves the same bytes (read + write) as the op's 3 streams;
+    # the clone pays for a fresh output as the out-of-place op does
+    fns["copy-floor"] = copy_floor(1.5 * x.numel(), device, dtype)
+    fns["clone-floor"] = clone_floor(1.5 * x.numel(), device, dtype)
+    compare(benchmark, fns, device, bytes=n_bytes, skipped=skipped)
