@@ -8,20 +8,23 @@
     x = pf.sample(flowmap, noise, steps=4)             # 4 flow-map jumps
 """
 
-from pyflowmap import distributed, nn, objectives, ops, reference
+from pyflowmap import _moved, distributed, nn, objectives, ops, reference
 from pyflowmap._build import build_info, has_cuda_kernels
+from pyflowmap.consistency import EDMConsistency, EDMSigmaPath
 from pyflowmap.derivatives import JVP, Dual, FiniteDifference, resolve_mode
 from pyflowmap.flowmap import FlowMap
-from pyflowmap.interpolants import EDMSigmaPath, GaussianBase, LinearInterpolant, TrigInterpolant
+from pyflowmap.interpolants import GaussianBase, LinearInterpolant, TrigInterpolant
 from pyflowmap.objectives import make_objective
-from pyflowmap.sampling import sample, sample_ode, time_grid
+from pyflowmap.sampling import draw, sample, sample_ode, time_grid
 from pyflowmap.times import TimeSampler
+
+_moved.install()  # pre-restructure import paths (pyflowmap.train, pyflowmap.config, ...) keep working
 
 __version__ = "0.1.0"
 
 __all__ = [
     "build_info", "has_cuda_kernels", "distributed", "nn", "objectives", "ops", "reference",
     "FlowMap", "JVP", "Dual", "FiniteDifference", "resolve_mode",
-    "LinearInterpolant", "TrigInterpolant", "EDMSigmaPath", "GaussianBase", "TimeSampler",
-    "make_objective", "sample", "sample_ode", "time_grid",
+    "LinearInterpolant", "TrigInterpolant", "EDMSigmaPath", "EDMConsistency", "GaussianBase", "TimeSampler",
+    "make_objective", "sample", "sample_ode", "draw", "time_grid",
 ]

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from pyflowmap.checkpoint import atomic_write
-from pyflowmap.config import TrainConfig
-from pyflowmap.evaluate import SAMPLERS, draw, evaluate, format_table, load_model, to_json
-from pyflowmap.train import CHECKPOINT, Trainer
+from pyflowmap.sampling import draw
+from pyflowmap.toy2d.config import TrainConfig
+from pyflowmap.toy2d.evaluate import SAMPLERS, evaluate, format_table, load_model, to_json
+from pyflowmap.toy2d.train import Trainer
+from pyflowmap.training import CHECKPOINT, atomic_write
 
 HELP = {
     "data": "2D dataset: checker, 8gaussians, moons, spiral",
@@ -50,7 +51,7 @@ def _overrides(args, cls=TrainConfig) -> dict:
 
 
 def _run_eval(run_dir: Path, steps, samplers, n: int, seed: int, use_ema: bool, out_dir: Path | None = None) -> dict:
-    from pyflowmap.plots import plot_sample_grid
+    from pyflowmap.toy2d.plots import plot_sample_grid
 
     model, base, cfg, state = load_model(run_dir, use_ema=use_ema)
     report = evaluate(model, base, cfg.data, steps=steps, samplers=samplers, n=n, seed=seed)
@@ -106,7 +107,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_image_train(args) -> int:
-    from pyflowmap.images.train import ImageConfig, ImageTrainer
+    from pyflowmap.images.config import ImageConfig
+    from pyflowmap.images.train import ImageTrainer
 
     return _train(args, ImageTrainer, ImageConfig())
 
@@ -146,7 +148,7 @@ def cmd_sample(args) -> int:
     x = draw(model, base.sample((args.n, 2), generator=g), args.sampler, args.steps)
     out = Path(args.out)
     if out.suffix == ".png":
-        from pyflowmap.plots import plot_sample_grid
+        from pyflowmap.toy2d.plots import plot_sample_grid
 
         plot_sample_grid({(args.sampler, args.steps): x}, out)
     else:
@@ -225,18 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sample)
 
-    from pyflowmap.images.train import ImageConfig
+    from pyflowmap.images.config import ImageConfig
 
     _train_parser(sub, "image-train", "train an image flow map or consistency model (needs [images])", ImageConfig(),
                   cmd_image_train)
 
-    from pyflowmap.images.evaluate import SAMPLERS as IMAGE_SAMPLERS
+    from pyflowmap.sampling import SAMPLERS as IMAGE_SAMPLERS
 
     p = sub.add_parser("image-eval", help="classifier Frechet distance table, metrics.json and PNG grids of an image run")
     p.add_argument("--ckpt", required=True, help="run directory")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--samplers", nargs="+", default=None, choices=IMAGE_SAMPLERS,
-                   help="default: consistency for ECT runs, map (flow-map jumps) otherwise; ode: Euler on v_{t,t}")
+    p.add_argument("--samplers", nargs="+", default=None, choices=IMAGE_SAMPLERS + ("ode",),
+                   help="default: consistency for ECT runs, map (flow-map jumps) otherwise; euler / heun: the ODE "
+                        "of v_{t,t} (ode is euler)")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

@@ -1,13 +1,53 @@
-"""Consistency models in EDM's sigma parameterization (ECT, MATH.md section 5): the
-preconditioned model f(x, sigma) and its 1-step / multi-step samplers."""
+"""Consistency models in EDM's sigma parameterization (docs/objectives.md section 14): the sigma path,
+the preconditioned model f(x, sigma), ECT's time schedule and the re-noise levels of its
+samplers. The loss is :class:`pyflowmap.objectives.ECT`; sampling is :func:`pyflowmap.sample`
+with ``kind="consistency"``."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pyflowmap.flowmap import batch_time
-from pyflowmap.interpolants import EDMSigmaPath, expand_time
+from pyflowmap._tensors import batch_time, expand_time
+
+
+class EDMSigmaPath:
+    """The variance-exploding path of EDM and ECT: x_sigma = y + sigma * eps, data at sigma = 0.
+
+    Also gives EDM's preconditioning f(x, sigma) = c_skip x + c_out F(c_in x, c_noise). With
+    ``boundary=True`` (evaluation) sigma - sigma_min replaces sigma in c_skip and c_out, so that
+    f(x, sigma_min) = x exactly.
+    """
+
+    def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        if not (0 < sigma_min < sigma_max):
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if sigma_data <= 0:
+            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
+        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+
+    def interpolate(self, eps: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return y + expand_time(sigma, y) * eps
+
+    def velocity_target(self, eps: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """d x_sigma / d sigma = eps."""
+        return eps
+
+    def precondition(self, sigma: torch.Tensor, boundary: bool = False):
+        """(c_skip, c_out, c_in, c_noise) at ``sigma`` (any shape)."""
+        sd = self.sigma_data
+        s_eff = sigma - self.sigma_min if boundary else sigma
+        c_skip = sd**2 / (s_eff**2 + sd**2)
+        c_out = s_eff * sd / torch.sqrt(s_eff**2 + sd**2)
+        c_in = 1 / torch.sqrt(sigma**2 + sd**2)
+        c_noise = torch.log(sigma) / 4
+        return c_skip, c_out, c_in, c_noise
+
+    def __repr__(self) -> str:
+        return (f"EDMSigmaPath(sigma_data={self.sigma_data}, sigma_min={self.sigma_min}, "
+                f"sigma_max={self.sigma_max})")
 
 
 class EDMConsistency(nn.Module):
@@ -49,19 +89,45 @@ def intermediate_sigmas(steps: int, t_mid: float = 0.821, sigma_low: float = 0.0
     return [] if steps == 1 else karras_sigmas(steps - 1, t_mid, sigma_low) if steps > 2 else [float(t_mid)]
 
 
-@torch.no_grad()
-def consistency_sample(model: EDMConsistency, noise: torch.Tensor, steps: int = 1, sigmas: list[float] | None = None,
-                       t_mid: float = 0.821, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x = f(sigma_max z, sigma_max); then for each re-noise level s_i: x = f(x + s_i n, s_i)
-    with fresh Gaussian n (ECT's 2-step sampler re-noises to t_mid = 0.821)."""
-    if not torch.isfinite(noise).all():
-        raise ValueError("consistency_sample: noise contains NaN or inf")
-    path = model.path
-    levels = intermediate_sigmas(steps, t_mid) if sigmas is None else list(sigmas)
-    if any(not (path.sigma_min < s <= path.sigma_max) for s in levels):
-        raise ValueError(f"consistency_sample: re-noise levels must lie in ({path.sigma_min}, {path.sigma_max}]")
-    x = model(path.sigma_max * noise, path.sigma_max, boundary=True)
-    for s in levels:
-        z = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
-        x = model(x + s * z, s, boundary=True)
-    return x
+@dataclass
+class ECTSchedule:
+    """ECT's time pairs (docs/objectives.md section 14): t ~ lognormal(p_mean, p_std) (t is sigma) and the
+    staged mapping r(t) = t (1 - n(t) / q^a), n(t) = 1 + k sigmoid(-b t), a = 1 + floor(iter / d),
+    clamped to r >= 0. Early stages give r = 0 for small t (plain denoising: diffusion is the
+    r = 0 special case of a consistency model); every stage shrinks t - r by q.
+    """
+
+    p_mean: float = -1.1
+    p_std: float = 2.0
+    q: float = 2.0
+    k: float = 8.0
+    b: float = 1.0
+    stage_length: int = 4000
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+    def __post_init__(self):
+        if self.q <= 1:
+            raise ValueError(f"ECT q must be > 1 (the per-stage shrink factor), got {self.q}")
+        if self.stage_length < 1:
+            raise ValueError(f"ECT stage_length must be >= 1, got {self.stage_length}")
+        if self.p_std <= 0 or self.k < 0 or self.b < 0:
+            raise ValueError("ECT needs p_std > 0, k >= 0, b >= 0")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"ECTSchedule: need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
+                             f"sigma_max={self.sigma_max}")
+
+    def stage(self, iteration: int) -> int:
+        """a = 1 + floor(iteration / d)."""
+        if iteration < 0:
+            raise ValueError(f"iteration must be >= 0, got {iteration}")
+        return 1 + int(iteration) // self.stage_length
+
+    def r(self, t: torch.Tensor, iteration: int) -> torch.Tensor:
+        """r(t) at this training iteration, same shape as t."""
+        n = 1 + self.k * torch.sigmoid(-self.b * t)
+        return (t * (1 - n / self.q ** self.stage(iteration))).clamp_min(0.0)
+
+    def sample_t(self, n: int, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+        z = torch.randn(n, generator=generator, device=device, dtype=dtype)
+        return torch.exp(self.p_mean + self.p_std * z).clamp(self.sigma_min, self.sigma_max)

@@ -8,19 +8,18 @@ from collections import OrderedDict
 
 import torch
 
+from pyflowmap.interpolants import GaussianBase
+
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 MAX_GRAPHS_PER_MODEL = 8  # each graph holds a private memory pool: keep the cache bounded (LRU)
 
 
 class CUDAGraphSampler:
-    """The sampling loop of :func:`pyflowmap.sample` for one (shape, dtype, grid, kind, base),
-    captured once and replayed. Inputs are copied into a static buffer; the result is a copy of
+    """A sampling loop ``loop(x, grid, base)`` of :func:`pyflowmap.sample` for one (shape, dtype,
+    grid, kind, base), captured once and replayed. Inputs are copied into a static buffer; the result is a copy of
     the static output (later replays overwrite it)."""
 
-    def __init__(self, model, noise: torch.Tensor, grid: torch.Tensor, kind: str, base):
-        from pyflowmap.interpolants import GaussianBase
-        from pyflowmap.sampling import _loop
-
+    def __init__(self, loop, noise: torch.Tensor, grid: torch.Tensor, base):
         self.device = noise.device
         with torch.cuda.device(self.device):
             self.static_in = noise.detach().clone()
@@ -29,7 +28,7 @@ class CUDAGraphSampler:
                 base = GaussianBase(std=torch.as_tensor(base.std, dtype=noise.dtype).to(self.device),
                                     mean=torch.as_tensor(base.mean, dtype=noise.dtype).to(self.device))
             self.base = base
-            run = lambda: _loop(model, self.static_in, self.grid, kind, self.base, None, None)  # noqa: E731
+            run = lambda: loop(self.static_in, self.grid, self.base)  # noqa: E731
             # the warm-up draws noise eagerly; restore the generator so that seeding before the
             # first call gives the same stream as seeding before any later one
             rng = torch.cuda.get_rng_state(self.device)
@@ -54,7 +53,7 @@ class CUDAGraphSampler:
             return self.static_out.clone()
 
 
-def graph_sampler(model, noise: torch.Tensor, grid: torch.Tensor, kind: str, base, generator) -> CUDAGraphSampler:
+def graph_sampler(model, loop, noise: torch.Tensor, grid: torch.Tensor, kind: str, base, generator) -> CUDAGraphSampler:
     """The cached :class:`CUDAGraphSampler` for these arguments (captured on first use)."""
     if noise.device.type != "cuda" or not torch.cuda.is_available():
         raise ValueError("graph=True captures a CUDA graph and needs CUDA tensors; use graph=False on the CPU")
@@ -72,7 +71,7 @@ def graph_sampler(model, noise: torch.Tensor, grid: torch.Tensor, kind: str, bas
     if key in per_model:
         per_model.move_to_end(key)
     else:
-        per_model[key] = CUDAGraphSampler(model, noise, grid, kind, base)
+        per_model[key] = CUDAGraphSampler(loop, noise, grid, base)
         while len(per_model) > MAX_GRAPHS_PER_MODEL:
             per_model.popitem(last=False)
     return per_model[key]

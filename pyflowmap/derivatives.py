@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from pyflowmap.flowmap import FlowMap, batch_time
+from pyflowmap._tensors import batch_time
+from pyflowmap.flowmap import FlowMap
 
 
 def _function(flowmap: FlowMap, output: str):
@@ -73,7 +74,9 @@ class JVP(DerivativeMode):
     """Exact forward-mode derivative through ``torch.func.jvp``.
 
     Works for any network whose ops have forward-AD rules (not fused attention kernels), and
-    keeps reverse mode through the tangent. Not usable under DDP gradient sync; prefer ``dual``.
+    keeps reverse mode through the tangent. Correct under DDP and FSDP2 when the whole step runs in
+    one :class:`pyflowmap.distributed.LossModule` forward (it transforms the inner network, never
+    the wrapper); ``dual`` is faster and also traces under torch.compile.
     """
 
     name = "jvp"
@@ -191,3 +194,13 @@ def resolve_mode(mode: str | DerivativeMode, flowmap: FlowMap | None = None) -> 
         return MODES[mode]()
     except KeyError:
         raise ValueError(f"unknown derivative mode {mode!r}; choose from auto, {', '.join(MODES)}") from None
+
+
+def make_mode(name: str, flowmap: FlowMap | None = None, fd_step: float | None = None,
+              fd_dtype: torch.dtype = torch.float32) -> DerivativeMode:
+    """A mode from a run config's name: ``"fd"`` is :class:`FiniteDifference` with step
+    ``fd_step`` (None: eps^(1/3) of ``fd_dtype``) evaluated in ``fd_dtype``; every other name
+    goes through :func:`resolve_mode`."""
+    if name == "fd":
+        return FiniteDifference(h=fd_step, dtype=fd_dtype)
+    return resolve_mode(name, flowmap)

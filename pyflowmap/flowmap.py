@@ -5,17 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pyflowmap.interpolants import expand_time
-
-
-def batch_time(t, x: torch.Tensor) -> torch.Tensor:
-    """A time given as float, 0-d or ``[B]`` tensor, as a ``[B]`` tensor in ``x``'s dtype."""
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    if t.dim() == 0:
-        return t.expand(x.shape[0])
-    if t.shape != (x.shape[0],):
-        raise ValueError(f"time must be a scalar or have shape [{x.shape[0]}], got {tuple(t.shape)}")
-    return t
+from pyflowmap import ops
+from pyflowmap._tensors import batch_time, expand_time
+from pyflowmap.validation import check_batch, check_time
 
 
 class FlowMap(nn.Module):
@@ -82,8 +74,6 @@ class FlowMap(nn.Module):
         """X_{s,t}(x) for sampling: no graph, the update through the fused ``flowmap_step`` op.
         ``s`` and ``t`` lie in [0, 1] (noise at 0, data at 1); s > t runs the map backwards
         (data towards noise), which the flow-map identity X_{t,s} o X_{s,t} = id allows."""
-        from pyflowmap.validation import check_batch, check_time
-
         check_batch("x", x)
         check_time("s", s)
         check_time("t", t)
@@ -91,10 +81,8 @@ class FlowMap(nn.Module):
 
     def _jump(self, x, s, t):
         """:meth:`jump` without the host-side checks (the samplers' loop, CUDA-graph capture)."""
-        from pyflowmap.ops import flowmap_step
-
         s, t = batch_time(s, x), batch_time(t, x)
-        return flowmap_step(x, self.net(x, s, t), s, t)
+        return ops.flowmap_step.dispatch(x, self.net(x, s, t), s, t)
 
 
 def as_velocity(model):

@@ -1,7 +1,8 @@
 """Interpolants I_t = alpha_t x0 + beta_t x1 between a base sample x0 and a data sample x1.
 
-Time runs from the base (t = 0) to the data (t = 1). The EDM sigma path used by ECT has its own
-time variable (sigma, data at sigma = 0) and lives in :class:`EDMSigmaPath`.
+Time runs from the base (t = 0) to the data (t = 1). The EDM sigma path of the consistency
+models has its own time variable (sigma, data at sigma = 0) and lives with them in
+:mod:`pyflowmap.consistency`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
-
-def expand_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-sample time ``[B]`` (or a scalar) so it broadcasts against ``x`` ``[B, ...]``."""
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    if t.dim() == 0:
-        return t
-    return t.reshape((t.shape[0],) + (1,) * (x.dim() - 1))
+from pyflowmap import _moved
+from pyflowmap._tensors import expand_time
 
 
 class Interpolant(ABC):
@@ -83,43 +79,6 @@ def make_interpolant(name: str | Interpolant) -> Interpolant:
         raise ValueError(f"unknown interpolant {name!r}; choose from {sorted(INTERPOLANTS)}") from None
 
 
-class EDMSigmaPath:
-    """The variance-exploding path of EDM and ECT: x_sigma = y + sigma * eps, data at sigma = 0.
-
-    Also gives EDM's preconditioning f(x, sigma) = c_skip x + c_out F(c_in x, c_noise). With
-    ``boundary=True`` (evaluation) sigma - sigma_min replaces sigma in c_skip and c_out, so that
-    f(x, sigma_min) = x exactly.
-    """
-
-    def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
-        if not (0 < sigma_min < sigma_max):
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-        if sigma_data <= 0:
-            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
-        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
-
-    def interpolate(self, eps: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return y + expand_time(sigma, y) * eps
-
-    def velocity_target(self, eps: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """d x_sigma / d sigma = eps."""
-        return eps
-
-    def precondition(self, sigma: torch.Tensor, boundary: bool = False):
-        """(c_skip, c_out, c_in, c_noise) at ``sigma`` (any shape)."""
-        sd = self.sigma_data
-        s_eff = sigma - self.sigma_min if boundary else sigma
-        c_skip = sd**2 / (s_eff**2 + sd**2)
-        c_out = s_eff * sd / torch.sqrt(s_eff**2 + sd**2)
-        c_in = 1 / torch.sqrt(sigma**2 + sd**2)
-        c_noise = torch.log(sigma) / 4
-        return c_skip, c_out, c_in, c_noise
-
-    def __repr__(self) -> str:
-        return (f"EDMSigmaPath(sigma_data={self.sigma_data}, sigma_min={self.sigma_min}, "
-                f"sigma_max={self.sigma_max})")
-
-
 class GaussianBase:
     """Base distribution N(mean, std^2) with ``std`` a float or a per-coordinate tensor.
 
@@ -152,3 +111,7 @@ class GaussianBase:
     def __repr__(self) -> str:
         std = self.std.tolist() if isinstance(self.std, torch.Tensor) else self.std
         return f"GaussianBase(std={std})"
+
+
+# moved in the restructure; the old path keeps working with a DeprecationWarning
+__getattr__ = _moved.forward(__name__, {'EDMSigmaPath': 'pyflowmap.consistency'})

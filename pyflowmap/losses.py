@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from pyflowmap._dispatch import pick
-from pyflowmap._dtypes import acc_dtype
+from pyflowmap import ops
+from pyflowmap._tensors import acc_dtype
+from pyflowmap.derivatives import CentralDifference
+from pyflowmap.validation import scalar_target
 
 
 def residual_loss(pred, target: torch.Tensor | float | None = None,
@@ -19,20 +21,15 @@ def residual_loss(pred, target: torch.Tensor | float | None = None,
     :func:`pyflowmap.reference.flowmap_loss`). ``pred`` may be a deferred
     :class:`~pyflowmap.derivatives.CentralDifference`, which runs the fused
     central-difference loss instead."""
-    from pyflowmap.derivatives import CentralDifference
-
-    if isinstance(target, (int, float)):
-        if target != 0:
-            raise ValueError("residual_loss: a scalar target must be 0")
-        target = None
+    target = scalar_target(target, "residual_loss")
     lead = pred.plus if isinstance(pred, CentralDifference) else pred
     if target is not None and target.dtype != lead.dtype:
         target = target.to(lead.dtype)
     if weight is not None:
         weight = weight.to(acc_dtype(lead.dtype))
     if isinstance(pred, CentralDifference):
-        loss, m = pick("flowmap_fd_loss", lead)(pred.plus, pred.minus, target, weight, pred.inv_2h, metric, c)
+        loss, m = ops.flowmap_fd_loss.dispatch(pred.plus, pred.minus, target, weight, pred.inv_2h, metric, c)
     else:
-        loss, m = pick("flowmap_loss", lead)(pred, target, weight, metric, c)
+        loss, m = ops.flowmap_loss.dispatch(pred, target, weight, metric, c)
     return loss, m
 

@@ -1,4 +1,6 @@
-"""Samplers: N-step flow-map jumps, and Euler / Heun integration of the diagonal velocity."""
+"""Samplers: N-step flow-map jumps, multistep consistency sampling (flow maps and EDM
+consistency models), and Euler / Heun integration of the diagonal velocity; :func:`draw`
+picks one by name."""
 
 from __future__ import annotations
 
@@ -6,6 +8,9 @@ from typing import Sequence
 
 import torch
 
+from pyflowmap import ops
+from pyflowmap.consistency import EDMConsistency, intermediate_sigmas
+from pyflowmap.cuda_graphs import graph_sampler
 from pyflowmap.flowmap import FlowMap, as_velocity
 from pyflowmap.validation import check_batch, check_ordered, check_time
 
@@ -62,38 +67,70 @@ def _loop(model: FlowMap, x: torch.Tensor, g: torch.Tensor, kind: str, base, gen
 
 
 @torch.no_grad()
-def sample(model: FlowMap, noise: torch.Tensor, steps: int | None = 1,
-           grid: Sequence[float] | torch.Tensor | None = None, kind: str = "flowmap", base=None, generator: torch.Generator | None = None, graph: bool = False,
-           return_trajectory: bool = False):
-    """Few-step sampling from ``noise`` (t = 0) to data (t = 1) over a time grid.
+def sample(model, noise: torch.Tensor, steps: int | None = 1,
+           grid: Sequence[float] | torch.Tensor | None = None, kind: str | None = None, base=None,
+           generator: torch.Generator | None = None, graph: bool = False, return_trajectory: bool = False,
+           t_mid: float = 0.821):
+    """Few-step sampling from ``noise``: the one sampler entry point of pyflowmap.
 
-    ``kind="flowmap"``: compose jumps x <- X_{g_k, g_{k+1}}(x) (deterministic).
-    ``kind="consistency"``: at each grid time jump to the data end, x1 = X_{g_k, 1}(x), then
-    re-noise onto the linear interpolant at the next grid time, x = (1 - g_{k+1}) eps +
-    g_{k+1} x1 with fresh eps from ``base`` (default N(0, I)): multistep consistency sampling,
-    the grid [0, t_mid, 1] being the ECT-style two-step sampler with mid time t_mid. (Partial
-    re-noising, CTM's gamma < 1, needs a Markov forward kernel that the linear interpolant
-    lacks: the noise implied by (x, x1) along the flow is not the interpolant's noise.)
+    For a :class:`~pyflowmap.FlowMap` (noise at t = 0, data at t = 1), over a time grid:
+
+    * ``kind="flowmap"`` (default): compose jumps x <- X_{g_k, g_{k+1}}(x) (deterministic);
+    * ``kind="consistency"``: at each grid time jump to the data end, x1 = X_{g_k, 1}(x), then
+      re-noise onto the linear interpolant at the next grid time, x = (1 - g_{k+1}) eps +
+      g_{k+1} x1 with fresh eps from ``base`` (default N(0, I)): multistep consistency
+      sampling, the grid [0, t_mid, 1] being the ECT-style two-step sampler. (Partial
+      re-noising, CTM's gamma < 1, needs a Markov forward kernel that the linear interpolant
+      lacks: the noise implied by (x, x1) along the flow is not the interpolant's noise.)
 
     ``steps`` gives a uniform grid on [0, 1]; ``grid`` any increasing grid. Each jump is one
     network call plus the fused ``flowmap_step``. ``graph=True`` (CUDA) captures the whole loop
     in one CUDA graph on first use for this (model, shape, dtype, grid, kind, base) and replays
     it: same results as eager for ``flowmap``; for ``consistency`` the fresh noise comes from the
     default CUDA generator (seed it with ``torch.cuda.manual_seed``), so ``generator`` must be
-    None. Returns ``[B, ...]``, or with ``return_trajectory`` (eager only) ``[len(grid), B, ...]``.
+    None.
+
+    For an :class:`~pyflowmap.consistency.EDMConsistency` (``kind`` "consistency", its only
+    sampler): x = f(sigma_max z, sigma_max), then for each re-noise level s_i, x = f(x + s_i n,
+    s_i) with fresh Gaussian n from ``generator``. ``grid`` is the list of re-noise levels
+    (sigmas in (sigma_min, sigma_max]); by default ``steps`` picks ECT's: none for one step,
+    ``t_mid`` for two, a rho = 7 grid from ``t_mid`` down to 0.02 beyond.
+
+    Returns ``[B, ...]``, or with ``return_trajectory`` (eager only) every state, stacked.
     """
     check_batch("noise", noise)
+    if isinstance(model, EDMConsistency):
+        if kind not in (None, "consistency"):
+            raise ValueError(f"an EDMConsistency model samples with kind='consistency' only, got {kind!r}")
+        if graph:
+            raise ValueError("graph=True captures flow-map sampling; EDM consistency sampling runs eagerly")
+        return _edm_consistency(model, noise, steps, grid, t_mid, generator, return_trajectory)
+    kind = "flowmap" if kind is None else kind
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     g = _resolve_grid(steps, grid, noise)
     if graph:
         if return_trajectory:
             raise ValueError("return_trajectory is not available with graph=True")
-        from pyflowmap.cuda_graphs import graph_sampler
-
-        return graph_sampler(model, noise, g, kind, base, generator)(noise)
+        loop = lambda x, grid_, base_: _loop(model, x, grid_, kind, base_, None, None)  # noqa: E731
+        return graph_sampler(model, loop, noise, g, kind, base, generator)(noise)
     traj = [noise] if return_trajectory else None
     x = _loop(model, noise, g, kind, base, generator, traj)
+    return torch.stack(traj) if traj is not None else x
+
+
+def _edm_consistency(model: EDMConsistency, noise, steps, levels, t_mid, generator, return_trajectory):
+    path = model.path
+    levels = intermediate_sigmas(steps, t_mid) if levels is None else [float(s) for s in levels]
+    if any(not (path.sigma_min < s <= path.sigma_max) for s in levels):
+        raise ValueError(f"consistency sampling: re-noise levels must lie in ({path.sigma_min}, {path.sigma_max}]")
+    x = model(path.sigma_max * noise, path.sigma_max, boundary=True)
+    traj = [x] if return_trajectory else None
+    for s in levels:
+        z = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+        x = model(x + s * z, s, boundary=True)
+        if traj is not None:
+            traj.append(x)
     return torch.stack(traj) if traj is not None else x
 
 
@@ -106,8 +143,7 @@ def sample_ode(model, noise: torch.Tensor, steps: int | None = 8, method: str = 
     ``method="euler"`` uses one velocity call per step, ``"heun"`` (2nd order) two. The Euler
     update is the fused ``flowmap_step`` (an Euler step is a flow-map jump with v = b_s).
     """
-    from pyflowmap.ops import flowmap_step
-
+    flowmap_step = ops.flowmap_step.dispatch
     if method not in ("euler", "heun"):
         raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
     check_batch("noise", noise)
@@ -128,3 +164,28 @@ def sample_ode(model, noise: torch.Tensor, steps: int | None = 8, method: str = 
         if traj is not None:
             traj.append(x)
     return torch.stack(traj) if traj is not None else x
+
+
+SAMPLERS = ("map", "euler", "heun", "consistency")
+_ALIASES = {"ode": "euler"}  # the image CLI's name for the Euler ODE
+
+
+def sampler_name(sampler: str) -> str:
+    """The canonical name of ``sampler`` (one of :data:`SAMPLERS`, or an alias of one)."""
+    name = _ALIASES.get(sampler, sampler)
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    return name
+
+
+def draw(model, noise: torch.Tensor, sampler: str, steps: int, generator: torch.Generator | None = None):
+    """Samples from ``noise`` with the sampler named ``sampler`` using ``steps`` network calls
+    per sample (Heun: two per step): ``map`` (flow-map jumps), ``euler`` / ``heun`` (the ODE
+    of the diagonal velocity; ``ode`` is ``euler``) or ``consistency`` (re-noising, with
+    ``generator`` for the fresh noise)."""
+    name = sampler_name(sampler)
+    if name == "map":
+        return sample(model, noise, steps=steps)
+    if name in ("euler", "heun"):
+        return sample_ode(model, noise, steps=steps, method=name)
+    return sample(model, noise, steps=steps, kind="consistency", generator=generator)

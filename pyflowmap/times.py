@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pyflowmap import _moved
+
 
 @dataclass
 class TimeSampler:
@@ -86,45 +88,5 @@ def intermediate_time(s: torch.Tensor, t: torch.Tensor, g: torch.Tensor) -> torc
     return g * s + (1 - g) * t
 
 
-@dataclass
-class ECTSchedule:
-    """ECT's time pairs (MATH.md section 5): t ~ lognormal(p_mean, p_std) (t is sigma) and the
-    staged mapping r(t) = t (1 - n(t) / q^a), n(t) = 1 + k sigmoid(-b t), a = 1 + floor(iter / d),
-    clamped to r >= 0. Early stages give r = 0 for small t (plain denoising: diffusion is the
-    r = 0 special case of a consistency model); every stage shrinks t - r by q.
-    """
-
-    p_mean: float = -1.1
-    p_std: float = 2.0
-    q: float = 2.0
-    k: float = 8.0
-    b: float = 1.0
-    stage_length: int = 4000
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-
-    def __post_init__(self):
-        if self.q <= 1:
-            raise ValueError(f"ECT q must be > 1 (the per-stage shrink factor), got {self.q}")
-        if self.stage_length < 1:
-            raise ValueError(f"ECT stage_length must be >= 1, got {self.stage_length}")
-        if self.p_std <= 0 or self.k < 0 or self.b < 0:
-            raise ValueError("ECT needs p_std > 0, k >= 0, b >= 0")
-        if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError(f"ECTSchedule: need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
-                             f"sigma_max={self.sigma_max}")
-
-    def stage(self, iteration: int) -> int:
-        """a = 1 + floor(iteration / d)."""
-        if iteration < 0:
-            raise ValueError(f"iteration must be >= 0, got {iteration}")
-        return 1 + int(iteration) // self.stage_length
-
-    def r(self, t: torch.Tensor, iteration: int) -> torch.Tensor:
-        """r(t) at this training iteration, same shape as t."""
-        n = 1 + self.k * torch.sigmoid(-self.b * t)
-        return (t * (1 - n / self.q ** self.stage(iteration))).clamp_min(0.0)
-
-    def sample_t(self, n: int, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-        z = torch.randn(n, generator=generator, device=device, dtype=dtype)
-        return torch.exp(self.p_mean + self.p_std * z).clamp(self.sigma_min, self.sigma_max)
+# moved in the restructure; the old path keeps working with a DeprecationWarning
+__getattr__ = _moved.forward(__name__, {'ECTSchedule': 'pyflowmap.consistency'})

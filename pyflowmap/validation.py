@@ -27,6 +27,16 @@ def check_batch(name: str, x, role: str = "") -> None:
     check_finite_tensor(f"{name} ({role})" if role else name, x)
 
 
+def scalar_target(target, op: str):
+    """A loss target given as the number 0 means "no target" (None); any other number is refused
+    (a constant target is a bug in the caller, not a convention)."""
+    if isinstance(target, (int, float)):
+        if target != 0:
+            raise ValueError(f"{op}: a scalar target must be 0")
+        return None
+    return target
+
+
 def check_time(name: str, t, lo: float = 0.0, hi: float = 1.0) -> None:
     """``t`` (a number or tensor) is finite and inside [lo, hi]."""
     if isinstance(t, torch.Tensor):

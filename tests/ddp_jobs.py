@@ -46,11 +46,12 @@ def job_name(kind, obj, mode, extra) -> str:
 
 def build(kind, obj, mode, extra, data=None, teacher="", out_dir=None):
     if kind == "2d":
-        from pyflowmap.config import TrainConfig
-        from pyflowmap.train import Trainer
+        from pyflowmap.toy2d.config import TrainConfig
+        from pyflowmap.toy2d.train import Trainer
 
         return Trainer(TrainConfig(objective=obj, derivative=mode, **{**TINY_2D, **extra}), out_dir=out_dir, progress=False)
-    from pyflowmap.images.train import ImageConfig, ImageTrainer
+    from pyflowmap.images.config import ImageConfig
+    from pyflowmap.images.train import ImageTrainer
 
     cfg = ImageConfig(objective=obj, derivative=mode, teacher=teacher if obj in ("lmd", "emd", "pfmm") else "",
                       **{**TINY_IMAGE, **extra})
@@ -137,7 +138,7 @@ def worker(rank: int, world: int, port: int, jobs, data_path: str, teacher: str,
     # minutes instead of hanging it
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     if rank != 0:  # only rank 0 writes: any file write from another rank fails the job
-        import pyflowmap.train as train_module
+        import pyflowmap.training.loop as train_module
 
         def refuse(*args, **kwargs):
             raise AssertionError(f"rank {rank} tried to write a file")

@@ -46,6 +46,11 @@ class GaussianFlowMap(nn.Module):
         return v * (1 + (self.scale - 1) * dt)
 
 
+def rand(*shape, seed=0, dtype=torch.float64):
+    """A seeded standard normal tensor (float64 by default), independent of the global RNG."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
 def mlp(dim=2, hidden=32, depth=2, dtype=torch.float64, seed=0):
     """A small FlowMapMLP with a non-zero head (so residuals are non-trivial)."""
     from pyflowmap.nn import FlowMapMLP

@@ -9,11 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pyflowmap as pf
+from pyflowmap.consistency import ECTSchedule
 from pyflowmap.flowmap import FlowMap
 from pyflowmap.nn.mlp import FlowMapMLP
 from pyflowmap.objectives import make_objective
 from pyflowmap.sampling import time_grid
-from pyflowmap.times import ECTSchedule, TimeSampler, intermediate_time
+from pyflowmap.times import TimeSampler, intermediate_time
+from tests.helpers import GaussianFlowMap, mlp
 
 BAD_TIMES = st.one_of(st.sampled_from([math.nan, math.inf, -math.inf]),
                       st.floats(max_value=-1e-6, allow_nan=False, allow_infinity=False),
@@ -70,13 +72,22 @@ def test_bad_arguments_are_named(fm, call, match):
         call(fm)
 
 
-def test_backward_jump_is_allowed(fm):
+def test_backward_jump_is_allowed():
     """s > t is the map run backwards (data towards noise), a legitimate use, not an error:
-    X_{1,0}(y) = y - v_{1,0}(y) (an untrained map need not invert its forward jump)."""
-    x = torch.randn(5, 2)
-    y = fm.jump(x, 0.0, 1.0)
-    back = fm.jump(y, 1.0, 0.0)
-    torch.testing.assert_close(back, y - fm.velocity_field(y, 1.0, 0.0))
+    X_{1,0}(y) = y - v_{1,0}(y), and for the exact flow map it inverts the forward jump."""
+    net = mlp(dtype=torch.float32)  # a non-zero head: v != 0, so a wrong update shows
+    learned = FlowMap(net).eval()
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
+    y = learned.jump(x, 0.0, 1.0)
+    assert (y - x).abs().max() > 1e-2
+    back = learned.jump(y, 1.0, 0.0)
+    ones, zeros = torch.ones(5), torch.zeros(5)
+    torch.testing.assert_close(back, y - net(y, ones, zeros))
+    exact = FlowMap(GaussianFlowMap([1.0, -2.0], [0.5, 3.0], 1.0))
+    xd = x.double()
+    yd = exact.jump(xd, 0.0, 1.0)
+    torch.testing.assert_close(yd, exact.net.exact_map(xd, zeros.double(), ones.double()))
+    torch.testing.assert_close(exact.jump(yd, 1.0, 0.0), xd)
 
 
 def test_ect_refuses_negative_iteration_and_nan_data():
@@ -87,7 +98,7 @@ def test_ect_refuses_negative_iteration_and_nan_data():
     model = EDMConsistency(UNetFlowMap(1, ch=8, emb_dim=8, attention=False))
     y = torch.zeros(2, 1, 8, 8)
     with pytest.raises(ValueError, match="iteration"):
-        ECT()(model, y, iteration=-1)
+        ECT()(model, y, step=-1)
     with pytest.raises(ValueError, match="NaN"):
         ECT()(model, y * math.nan)
     with pytest.raises(TypeError, match="floating point"):

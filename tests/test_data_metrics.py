@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pyflowmap import data, metrics
+from pyflowmap.toy2d import data, metrics
 
 
 def gen(seed=0):

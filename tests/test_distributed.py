@@ -11,7 +11,18 @@ import torch
 import torch.multiprocessing as mp
 
 from pyflowmap.distributed import Shard
-from tests.ddp_jobs import JOBS_2D, JOBS_FSDP, JOBS_HANDOFF, JOBS_IMAGE, JOBS_RESUME, TINY_IMAGE, free_port, job_name, run_jobs, worker
+from tests.ddp_jobs import (
+    JOBS_2D,
+    JOBS_FSDP,
+    JOBS_HANDOFF,
+    JOBS_IMAGE,
+    JOBS_RESUME,
+    TINY_IMAGE,
+    free_port,
+    job_name,
+    run_jobs,
+    worker,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # float32 all-reduce sums the ranks' gradients in another order than one process's backward:
@@ -68,8 +79,9 @@ def test_ddp_two_processes_equal_one_process_2d(tmp_path):
 @pytest.fixture(scope="module")
 def image_setup(tmp_path_factory):
     pytest.importorskip("sklearn")
+    from pyflowmap.images.config import ImageConfig
     from pyflowmap.images.data import load_dataset
-    from pyflowmap.images.train import ImageConfig, ImageTrainer
+    from pyflowmap.images.train import ImageTrainer
 
     root = tmp_path_factory.mktemp("ddp-images")
     data = load_dataset("digits")[0][:256].clone()

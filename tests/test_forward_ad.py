@@ -6,14 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import pyflowmap as pf
-from pyflowmap.nn.attention import math_attention
 from pyflowmap.nn.forward_ad import ActivationFn, AttentionFn
+from pyflowmap.reference import math_attention
+from tests.helpers import rand
 
 F64 = torch.float64
-
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 def test_sdpa_itself_has_no_forward_ad():

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import pyflowmap as pf
-from pyflowmap.consistency import EDMConsistency, consistency_sample, intermediate_sigmas
-from pyflowmap.interpolants import EDMSigmaPath
+from pyflowmap.consistency import ECTSchedule, EDMConsistency, EDMSigmaPath, intermediate_sigmas
 from pyflowmap.objectives import ECT, MeanFlow
-from pyflowmap.times import ECTSchedule, TimeSampler
+from pyflowmap.times import TimeSampler
 
 images = pytest.importorskip("pyflowmap.images")
 sklearn = pytest.importorskip("sklearn")
@@ -131,7 +130,7 @@ def test_ect_shares_one_dropout_mask_between_the_two_passes(monkeypatch):
     import pyflowmap.nn.unet as unet
 
     monkeypatch.setattr(unet.F, "dropout", spy)
-    obj(model, y, generator=torch.Generator().manual_seed(0), iteration=10**6)
+    obj(model, y, generator=torch.Generator().manual_seed(0), step=10**6)
     n = len(calls) // 2
     assert n == 6 and all(torch.equal(a, b) for a, b in zip(calls[:n], calls[n:]))  # t pass == r pass
     assert any(a.any() for a in calls)
@@ -142,7 +141,7 @@ def test_ect_loss_matches_its_definition():
     y = torch.randn(6, 1, 8, 8, dtype=torch.float64)
     sch = ECTSchedule()
     obj = ECT(sch, c=0.03)
-    out = obj(model, y, generator=torch.Generator().manual_seed(1), iteration=9000)
+    out = obj(model, y, generator=torch.Generator().manual_seed(1), step=9000)
     g = torch.Generator().manual_seed(1)  # replay the draws
     t = sch.sample_t(6, generator=g, dtype=torch.float64)
     eps = torch.randn(y.shape, generator=g, dtype=torch.float64)
@@ -178,9 +177,9 @@ def test_consistency_sampler_levels_and_shapes():
     model = _tiny_model().eval()
     z = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     for k in (1, 2, 4):
-        assert consistency_sample(model, z, steps=k, generator=torch.Generator().manual_seed(0)).shape == z.shape
+        assert pf.sample(model, z, steps=k, generator=torch.Generator().manual_seed(0)).shape == z.shape
     with pytest.raises(ValueError, match="re-noise levels"):
-        consistency_sample(model, z, sigmas=[100.0])
+        pf.sample(model, z, grid=[100.0])
 
 
 # -- MeanFlow -----------------------------------------------------------------------------------

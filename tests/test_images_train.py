@@ -12,9 +12,10 @@ pytest.importorskip("PIL")
 
 from pyflowmap.derivatives import FiniteDifference  # noqa: E402
 from pyflowmap.flowmap import FlowMap  # noqa: E402
+from pyflowmap.images.config import ImageConfig, build_image_model
 from pyflowmap.images.evaluate import evaluate_model, generate, save_image_grid  # noqa: E402
 from pyflowmap.images.metrics import ImageEvaluator  # noqa: E402
-from pyflowmap.images.train import ImageConfig, ImageTrainer, build_image_model, load_run  # noqa: E402
+from pyflowmap.images.train import ImageTrainer, load_run  # noqa: E402
 from pyflowmap.nn.unet import UNetFlowMap  # noqa: E402
 from pyflowmap.objectives import make_objective  # noqa: E402
 from pyflowmap.times import TimeSampler  # noqa: E402
@@ -138,7 +139,7 @@ def test_non_finite_step_is_skipped_and_never_saved(tmp_path, monkeypatch):
     assert trainer.skipped == 1
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k])
-    from pyflowmap.train import NonFiniteTraining
+    from pyflowmap.training import NonFiniteTraining
 
     with pytest.raises(NonFiniteTraining), pytest.warns(UserWarning, match="2 in a row"):
         trainer.fit()

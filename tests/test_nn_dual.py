@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 
 import pyflowmap as pf
 from pyflowmap import nn as pnn
-from pyflowmap.nn.attention import math_attention
 from pyflowmap.reference import dual as ref
+from pyflowmap.reference import math_attention
+from tests.helpers import rand
 
 F64 = torch.float64
 
@@ -20,10 +21,6 @@ def math_sdpa(monkeypatch):
     from pyflowmap.nn import forward_ad
 
     monkeypatch.setattr(forward_ad.AttentionFn, "apply", staticmethod(lambda q, k, v, causal: math_attention(q, k, v, causal)))
-
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 def check_layer(layer, x, seed=1, atol=1e-12):

@@ -1,6 +1,6 @@
 """The fused ops' CUDA kernels against the float64 CPU twins (needs a CUDA build and device).
 
-The rule of STYLE.md: a kernel in a low precision may be off from the float64 truth by at
+The rule of docs/kernels.md section 8: a kernel in a low precision may be off from the float64 truth by at
 most twice the error of the twin run in that precision (plus a few ulps). These tests also
 run under compute-sanitizer (scripts/gpu_check.sh).
 """

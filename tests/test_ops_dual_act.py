@@ -11,7 +11,6 @@ from pyflowmap.reference import dual as ref
 from tests.conftest import DEVICES
 from tests.tolerance import assert_within_reference_error
 
-CPU_DEVICES = [d for d in DEVICES if d == "cpu"]  # the CUDA kernel arrives with the CUDA issue
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 KINDS = ["gelu", "silu"]
 
@@ -31,18 +30,18 @@ def stacked(draw):
     return zz.to(dtype)
 
 
-@given(stacked(), st.sampled_from(KINDS))
-def test_forward_matches_reference(zz, kind):
-    out = ops.dual_act(zz, kind)
+@given(stacked(), st.sampled_from(KINDS), st.sampled_from(DEVICES))
+def test_forward_matches_reference(zz, kind, device):
+    out = ops.dual_act(zz.to(device), kind).cpu()
     assert out.shape == zz.shape and out.dtype == zz.dtype
     exact = ref.dual_act(zz.double(), kind)
     assert_within_reference_error(out, ref.dual_act(zz, kind), exact)
 
 
-@given(stacked(), st.sampled_from(KINDS), st.integers(0, 1000))
-def test_backward_matches_reference(zz, kind, seed):
+@given(stacked(), st.sampled_from(KINDS), st.integers(0, 1000), st.sampled_from(DEVICES))
+def test_backward_matches_reference(zz, kind, seed, device):
     g = torch.randn(zz.shape, generator=torch.Generator().manual_seed(seed)).to(zz.dtype)
-    out = torch.ops.pyflowmap.dual_act_backward(g, zz, kind)
+    out = torch.ops.pyflowmap.dual_act_backward(g.to(device), zz.to(device), kind).cpu()
     exact = ref.dual_act_backward(g.double(), zz.double(), kind)
     low = ref.dual_act_backward(g.float() if zz.dtype == torch.bfloat16 else g, zz.float() if zz.dtype == torch.bfloat16 else zz, kind)
     assert_within_reference_error(out, low.to(zz.dtype), exact)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch.library import opcheck
 
 from pyflowmap import _dispatch, ops, reference
-from pyflowmap.nn.attention import math_attention
+from pyflowmap.reference import math_attention
 from tests.conftest import DEVICES
 from tests.tolerance import assert_within_reference_error
 
@@ -158,9 +158,9 @@ def test_compile_matches_eager():
 
 def test_dual_layers_use_the_op():
     x = torch.randn(4, 2, 3, 8)
-    assert _dispatch.pick("dual_attention", x) is ops.dual_attention
+    assert ops.dual_attention.dispatch.pick(x) is ops.dual_attention
     with _dispatch.reference_ops():
-        assert _dispatch.pick("dual_attention", x) is reference.dual_attention
+        assert ops.dual_attention.dispatch.pick(x) is reference.dual_attention
 
 
 def test_chunked_path_memory_is_linear_in_n():

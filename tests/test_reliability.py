@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from pyflowmap.checkpoint import load_checkpoint
+from pyflowmap.training.checkpoint import load_checkpoint
 
 KILL_AT = 27  # between the checkpoints at 20 and 30: seven steps of work are lost and redone
 
@@ -36,14 +36,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _trainer(kind, out):
     if kind == "2d":
-        from pyflowmap.config import TrainConfig
-        from pyflowmap.train import Trainer
+        from pyflowmap.toy2d.config import TrainConfig
+        from pyflowmap.toy2d.train import Trainer
 
         cfg = TrainConfig(objective="lsd", steps=40, hidden=32, depth=2, emb_dim=8, batch=64, log_every=1,
                           ckpt_every=10)
         return Trainer(cfg, out_dir=out, progress=False), Trainer
     pytest.importorskip("sklearn")
-    from pyflowmap.images.train import ImageConfig, ImageTrainer
+    from pyflowmap.images.config import ImageConfig
+    from pyflowmap.images.train import ImageTrainer
 
     cfg = ImageConfig(objective="lsd", dataset="digits", steps=40, ch=8, emb_dim=8, batch=8, dropout=0.1,
                       log_every=1, ckpt_every=10)
@@ -83,8 +84,8 @@ def test_safetensors_weights_beside_the_checkpoint(tmp_path):
     pytest.importorskip("safetensors")
     import json
 
-    from pyflowmap.checkpoint import load_weights, save_weights
-    from pyflowmap.train import WEIGHTS
+    from pyflowmap.training import WEIGHTS
+    from pyflowmap.training.checkpoint import load_weights, save_weights
 
     trainer, _ = _trainer("2d", tmp_path)
     trainer.fit(steps=12)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pyflowmap as pf
-from tests.helpers import GaussianFlowMap
+from tests.helpers import GaussianFlowMap, mlp
 
 MEAN, VAR, BASE = [1.0, -2.0], [0.5, 3.0], 1.0
 
@@ -54,10 +54,27 @@ def test_time_grid():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sampling_in_low_precision_runs_the_fused_update(dtype):
-    net = pf.nn.FlowMapMLP(hidden=16, depth=1).to(dtype)
-    x = pf.sample(pf.FlowMap(net), torch.randn(7, 2, dtype=dtype), steps=3)
+def test_sampling_in_low_precision_runs_the_fused_update(dtype, monkeypatch):
+    net = mlp(dtype=dtype)  # a non-zero head: every jump moves the state
+    step = pf.ops.flowmap_step.dispatch
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].dtype)
+        return pf.ops.flowmap_step(*args)
+
+    monkeypatch.setattr(step, "fused", counted)
+    z = torch.randn(7, 2, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x = pf.sample(pf.FlowMap(net), z, steps=3)
     assert x.dtype == dtype and x.shape == (7, 2)
+    assert calls == [dtype] * 3  # one fused update per jump
+    # the same three jumps composed by hand through the twin (times in float32, as the kernel)
+    want, grid = z, pf.time_grid(3, dtype=torch.float64)
+    for k in range(3):
+        s, t = grid[k].to(dtype).expand(7), grid[k + 1].to(dtype).expand(7)
+        want = pf.reference.flowmap_step(want, net(want, s, t), s, t)
+    assert (want - z).abs().max() > 1e-2
+    torch.testing.assert_close(x, want, rtol=0, atol=0)
 
 
 def test_bad_sampler_input():

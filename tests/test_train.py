@@ -5,10 +5,11 @@ import os
 import pytest
 import torch
 
-from pyflowmap.checkpoint import load_checkpoint, save_checkpoint
-from pyflowmap.config import TrainConfig
-from pyflowmap.evaluate import evaluate
-from pyflowmap.train import NonFiniteTraining, Trainer
+from pyflowmap.toy2d.config import TrainConfig
+from pyflowmap.toy2d.evaluate import evaluate
+from pyflowmap.toy2d.train import Trainer
+from pyflowmap.training import NonFiniteTraining
+from pyflowmap.training.checkpoint import load_checkpoint, save_checkpoint
 
 TINY = dict(hidden=32, depth=2, emb_dim=8, batch=64, log_every=1, ckpt_every=5)
 

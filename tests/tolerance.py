@@ -1,4 +1,4 @@
-"""Precision-tied comparison (STYLE.md): a kernel run in low precision may be off from the
+"""Precision-tied comparison (docs/kernels.md section 8): a kernel run in low precision may be off from the
 float64 truth by at most twice the error of the reference twin run in the same precision,
 plus a few units of rounding of the output dtype.
 

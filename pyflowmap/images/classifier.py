@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyflowmap.checkpoint import load_checkpoint, save_checkpoint
 from pyflowmap.images.data import load_dataset, split
+from pyflowmap.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 class DigitClassifier(nn.Module):

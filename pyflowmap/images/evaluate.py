@@ -10,12 +10,10 @@ from pathlib import Path
 
 import torch
 
-from pyflowmap.consistency import EDMConsistency, consistency_sample
+from pyflowmap.consistency import EDMConsistency
 from pyflowmap.flowmap import FlowMap
 from pyflowmap.images.metrics import ImageEvaluator
-from pyflowmap.sampling import sample, sample_ode
-
-SAMPLERS = ("map", "ode", "consistency")
+from pyflowmap.sampling import draw, sampler_name
 
 
 def default_samplers(model) -> tuple[str, ...]:
@@ -29,12 +27,11 @@ def generate(model, sampler: str, steps: int, n: int, shape, seed: int = 0, devi
     """``n`` images ``[n, *shape]`` from ``sampler`` with ``steps`` network calls per image
     (Euler ODE: ``steps`` velocity calls). The same ``seed`` gives the same starting noise for
     every sampler and step count, so grids line up. Returns CPU float32."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    name = sampler_name(sampler)
     if n < 1 or steps < 1:
         raise ValueError(f"need n >= 1 and steps >= 1, got n={n}, steps={steps}")
     is_cm = isinstance(model, EDMConsistency)
-    if is_cm != (sampler == "consistency"):
+    if is_cm != (name == "consistency"):
         raise ValueError(f"sampler {sampler!r} does not fit a {type(model).__name__}")
     # the starting noise comes from its own generator, so it is the same for every sampler and
     # step count whatever the re-noising draws
@@ -43,12 +40,7 @@ def generate(model, sampler: str, steps: int, n: int, shape, seed: int = 0, devi
     out = []
     for i in range(0, n, chunk):
         z = z_all[i:i + chunk]
-        if sampler == "consistency":
-            x = consistency_sample(model, z, steps=steps, generator=g_renoise)
-        elif sampler == "map":
-            x = sample(model, z, steps=steps)
-        else:
-            x = sample_ode(model, z, steps=steps, method="euler")
+        x = draw(model, z, sampler, steps, generator=g_renoise)
         out.append(x.float().cpu())
     return torch.cat(out)
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
+from pyflowmap import _moved
 from pyflowmap.nn import functional as DF
+from pyflowmap.nn.forward_ad import AttentionFn
 from pyflowmap.nn.layers import DualModule, Linear
 
 
@@ -13,9 +12,10 @@ class Attention(DualModule):
     """Self-attention on ``[B, N, dim]`` tokens: qkv projection, ``heads`` heads, output projection.
 
     Primal mode uses ``F.scaled_dot_product_attention`` (with a forward-AD rule, so
-    ``torch.func.jvp`` works, see :mod:`pyflowmap.nn.forward_ad`); dual mode the tangent formula of
-    KERNELS.md section 2 (reference math attention here; the JVP flash kernel plugs into
-    ``pyflowmap.ops.dual_attention`` on CUDA in its own issue).
+    ``torch.func.jvp`` works, see :mod:`pyflowmap.nn.forward_ad`); dual mode runs
+    ``pyflowmap.ops.dual_attention``: O and O_dot in one streaming pass (the flash-style kernel on
+    CUDA for 16-bit inputs with head dim 64 / 128, the chunked O(N)-memory path elsewhere), with
+    the tangent rule of docs/tangents.md section 8.
     """
 
     def __init__(self, dim: int, heads: int = 4, causal: bool = False):
@@ -36,8 +36,6 @@ class Attention(DualModule):
         return o.transpose(1, 2).reshape(b, n, h * d)
 
     def forward(self, x):
-        from pyflowmap.nn.forward_ad import AttentionFn
-
         q, k, v = self._heads(self.qkv(x))
         return self.proj(self._merge(AttentionFn.apply(q, k, v, self.causal)))
 
@@ -46,11 +44,5 @@ class Attention(DualModule):
         return self.proj.dual(self._merge(DF.dual_attention(q, k, v, self.causal)))
 
 
-def math_attention(q, k, v, causal=False):
-    """softmax(Q K^T / sqrt(d)) V in plain ops (forward-AD capable, O(N^2) memory)."""
-    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    if causal:
-        nq, nk = q.shape[-2], k.shape[-2]
-        mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
-        s = s.masked_fill(~mask, float("-inf"))
-    return torch.softmax(s, -1) @ v
+# moved in the restructure; the old path keeps working with a DeprecationWarning
+__getattr__ = _moved.forward(__name__, {'math_attention': 'pyflowmap.reference'})

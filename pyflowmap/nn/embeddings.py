@@ -7,6 +7,17 @@ import math
 import torch
 from torch import nn
 
+from pyflowmap._tensors import batch_tangent
+
+
+def time_tangents(s, t, s_dot, t_dot):
+    """(s_dot, d(t - s)) as ``[B]`` tensors or None: the tangents of the embeddings of s and of
+    the jump t - s that the flow-map networks condition on."""
+    s_dot, t_dot = batch_tangent(s_dot, s), batch_tangent(t_dot, t)
+    if s_dot is None and t_dot is None:
+        return None, None
+    return s_dot, (t_dot if t_dot is not None else 0) - (s_dot if s_dot is not None else 0)
+
 
 class SinusoidalEmbedding(nn.Module):
     """Positional embedding [cos(w_k scale t), sin(w_k scale t)], w_k = max_period^(-k/half).

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pyflowmap.nn import functional as DF
-from pyflowmap.nn.layers import stack
+from pyflowmap.reference import math_attention
 
 
 class ActivationFn(torch.autograd.Function):
@@ -46,8 +46,8 @@ class ActivationFn(torch.autograd.Function):
 
 
 class AttentionFn(torch.autograd.Function):
-    """O = softmax(Q K^T / sqrt(d)) V through SDPA, with the tangent rule of KERNELS.md section 2
-    as its jvp. The backward recomputes SDPA under autograd (one extra forward)."""
+    """O = softmax(Q K^T / sqrt(d)) V through SDPA, with the attention tangent rule
+    (docs/tangents.md section 8) as its jvp. The backward recomputes SDPA under autograd (one extra forward)."""
 
     @staticmethod
     def forward(q, k, v, causal):
@@ -68,8 +68,6 @@ class AttentionFn(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             if create_graph:
-                from pyflowmap.nn.attention import math_attention
-
                 qkv = [t if t.requires_grad else t.detach().requires_grad_() for t in (q, k, v)]
                 o = math_attention(*qkv, ctx.causal)
             else:
@@ -81,5 +79,5 @@ class AttentionFn(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, q_dot, k_dot, v_dot, _causal_dot):
         q, k, v = ctx.saved_tensors
-        oo = DF.dual_attention(stack(q, q_dot), stack(k, k_dot), stack(v, v_dot), ctx.causal)
+        oo = DF.dual_attention(DF.stack(q, q_dot), DF.stack(k, k_dot), DF.stack(v, v_dot), ctx.causal)
         return DF.split(oo)[1]

@@ -1,43 +1,21 @@
-"""The dual ops the layers call: fused kernels where they exist for the tensor's device and
-dtype, else the reference twins (see :mod:`pyflowmap._dispatch`)."""
+"""The dual ops the layers call, each a fused kernel of :mod:`pyflowmap.ops` paired with its
+reference twin (``.dispatch`` runs the kernel where it covers the input, else the twin; see
+:mod:`pyflowmap._dispatch`). Ops without a fused kernel are their twin."""
 
 from __future__ import annotations
 
-from pyflowmap._dispatch import pick as _impl
+from pyflowmap import ops, reference
 from pyflowmap._dispatch import reference_ops  # noqa: F401  (re-exported)
-from pyflowmap.reference import dual as _ref
 
+dual_act = ops.dual_act.dispatch
+dual_linear = ops.dual_linear.dispatch
+dual_layer_norm = ops.dual_layer_norm.dispatch
+dual_rms_norm = ops.dual_rms_norm.dispatch
+dual_group_norm = ops.dual_group_norm.dispatch
+dual_attention = ops.dual_attention.dispatch
+# cheap elementwise compositions: autograd over the twin is already one pass each way
+dual_modulate = reference.dual_modulate
+dual_sinusoidal = reference.dual_sinusoidal
 
-def dual_act(zz, kind="gelu"):
-    return _impl("dual_act", zz)(zz, kind)
-
-
-def dual_linear(xx, weight, bias=None):
-    return _impl("dual_linear", xx)(xx, weight, bias)
-
-
-def dual_layer_norm(xx, normalized_shape, weight=None, bias=None, eps=1e-5):
-    return _impl("dual_layer_norm", xx)(xx, normalized_shape, weight, bias, eps)
-
-
-def dual_rms_norm(xx, weight=None, eps=1e-6):
-    return _impl("dual_rms_norm", xx)(xx, weight, eps)
-
-
-def dual_group_norm(xx, groups, weight=None, bias=None, eps=1e-5):
-    return _impl("dual_group_norm", xx)(xx, groups, weight, bias, eps)
-
-
-def dual_modulate(hh, scale, shift):
-    return _impl("dual_modulate", hh)(hh, scale, shift)
-
-
-def dual_attention(qq, kk, vv, causal=False, scale=None):
-    return _impl("dual_attention", qq)(qq, kk, vv, causal, scale)
-
-
-def dual_sinusoidal(t, t_dot, freqs):
-    return _impl("dual_sinusoidal", t)(t, t_dot, freqs)
-
-
-split = _ref.split
+split = reference.split
+stack = reference.stack

@@ -4,10 +4,10 @@ stacked ``[x; x_dot]`` (see :mod:`pyflowmap.reference.dual`). Parameters carry n
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pyflowmap.nn import functional as DF
+from pyflowmap.nn.forward_ad import ActivationFn
 
 
 class DualModule(nn.Module):
@@ -45,8 +45,6 @@ class Activation(DualModule):
         self.kind = kind
 
     def forward(self, x):
-        from pyflowmap.nn.forward_ad import ActivationFn
-
         return ActivationFn.apply(x, self.kind)
 
     def dual(self, xx):
@@ -104,6 +102,4 @@ def modulate(h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch
     return h * (1 + scale) + shift
 
 
-def stack(x: torch.Tensor, x_dot: torch.Tensor | None) -> torch.Tensor:
-    """``[x; x_dot]`` with a zero tangent for ``None``."""
-    return torch.cat([x, torch.zeros_like(x) if x_dot is None else x_dot.to(x.dtype)])
+stack = DF.stack  # re-exported: models build their stacked inputs with it

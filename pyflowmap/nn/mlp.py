@@ -5,26 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pyflowmap.nn.embeddings import SinusoidalEmbedding
+from pyflowmap.nn.embeddings import SinusoidalEmbedding, time_tangents
 from pyflowmap.nn.functional import split
 from pyflowmap.nn.layers import Activation, Linear, Sequential, stack
 
 ACTIVATIONS = ("gelu", "silu")
-
-
-def tangent_like(d, ref: torch.Tensor) -> torch.Tensor | None:
-    """A time tangent given as None, float, 0-d or [B] tensor, as None or a [B] tensor."""
-    if d is None:
-        return None
-    return torch.as_tensor(d, dtype=ref.dtype, device=ref.device).expand(ref.shape[0])
-
-
-def time_tangents(s, t, s_dot, t_dot):
-    """(s_dot, d(t - s)) as [B] tensors or None: the tangents of the two time embeddings."""
-    s_dot, t_dot = tangent_like(s_dot, s), tangent_like(t_dot, t)
-    if s_dot is None and t_dot is None:
-        return None, None
-    return s_dot, (t_dot if t_dot is not None else 0) - (s_dot if s_dot is not None else 0)
 
 
 class FlowMapMLP(nn.Module):

@@ -8,9 +8,8 @@ from torch import nn
 
 from pyflowmap.nn import functional as DF
 from pyflowmap.nn.attention import Attention
-from pyflowmap.nn.embeddings import SinusoidalEmbedding
+from pyflowmap.nn.embeddings import SinusoidalEmbedding, time_tangents
 from pyflowmap.nn.layers import Activation, Conv2d, DualModule, GroupNorm, Linear, Sequential, modulate, stack
-from pyflowmap.nn.mlp import time_tangents
 
 
 class ResBlock(DualModule):

@@ -1,9 +1,11 @@
-"""Flow-map objectives: self-distillation (FM, LSD, ESD, PSD-U, PSD-M) and distillation from
-a frozen teacher (LMD, EMD, PFMM). See MATH.md-style docstrings on each class."""
+"""Training objectives, one contract (:class:`ObjectiveBase`): flow-map self-distillation (FM,
+LSD, ESD, PSD-U, PSD-M, MeanFlow), distillation from a frozen teacher (LMD, EMD, PFMM) and
+consistency tuning (ECT and its EDM pretraining). The math, with every stop-gradient, is in
+docs/objectives.md."""
 
 from __future__ import annotations
 
-from pyflowmap.objectives.base import LossOutput, Objective, as_velocity
+from pyflowmap.objectives.base import LossOutput, Objective, ObjectiveBase, as_velocity
 from pyflowmap.objectives.ect import ECT
 from pyflowmap.objectives.eulerian import EMD, ESD
 from pyflowmap.objectives.fm import FM
@@ -14,12 +16,19 @@ from pyflowmap.objectives.weighting import LearnedWeighting
 
 SELF_DISTILLATION = ("fm", "lsd", "esd", "psd-u", "psd-m", "meanflow")
 DISTILLATION = ("lmd", "emd", "pfmm")
+CONSISTENCY = ("ect", "ect-pretrain")
+OBJECTIVES = SELF_DISTILLATION + DISTILLATION + CONSISTENCY
 
 
-def make_objective(name: str, teacher=None, **kwargs) -> Objective:
-    """Build an objective by name: fm, lsd, esd, psd-u, psd-m, meanflow (no teacher) or lmd, emd, pfmm
-    (``teacher`` required). Other keyword arguments go to the objective's constructor."""
+def make_objective(name: str, teacher=None, **kwargs) -> ObjectiveBase:
+    """Build an objective by name: fm, lsd, esd, psd-u, psd-m, meanflow (no teacher), lmd, emd,
+    pfmm (``teacher`` required), ect or ect-pretrain (for an EDMConsistency model). Other
+    keyword arguments go to the objective's constructor."""
     key = name.lower().replace("_", "-")
+    if key in CONSISTENCY:
+        if teacher is not None:
+            raise ValueError(f"objective {name!r} tunes the model itself and takes no teacher")
+        return ECT(pretrain=key == "ect-pretrain", **kwargs)
     if key in DISTILLATION:
         if teacher is None:
             raise ValueError(f"objective {name!r} distills a frozen teacher: pass teacher=")
@@ -37,10 +46,10 @@ def make_objective(name: str, teacher=None, **kwargs) -> Objective:
         return MeanFlow(**kwargs)
     if key in ("psd-u", "psd-m"):
         return PSD(gamma="uniform" if key == "psd-u" else "midpoint", **kwargs)
-    raise ValueError(f"unknown objective {name!r}; choose from {', '.join(SELF_DISTILLATION + DISTILLATION)}")
+    raise ValueError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
 
 
 __all__ = [
-    "Objective", "LossOutput", "ECT", "MeanFlow", "FM", "LSD", "ESD", "PSD", "LMD", "EMD", "PFMM", "EulerTeacher",
-    "LearnedWeighting", "make_objective", "as_velocity", "SELF_DISTILLATION", "DISTILLATION",
+    "Objective", "ObjectiveBase", "LossOutput", "ECT", "MeanFlow", "FM", "LSD", "ESD", "PSD", "LMD", "EMD", "PFMM", "EulerTeacher",
+    "LearnedWeighting", "make_objective", "as_velocity", "SELF_DISTILLATION", "DISTILLATION", "CONSISTENCY", "OBJECTIVES",
 ]

@@ -1,5 +1,6 @@
-"""What every flow-map objective shares: draw (x0, s, t), flow matching on the diagonal, a
-distillation term off it, optional learned weighting, one reduction."""
+"""The contract of every training objective (:class:`ObjectiveBase`), and what every flow-map
+objective shares (:class:`Objective`): draw (x0, s, t), flow matching on the diagonal, a
+distillation term off it, optional learned weighting, one reduction per part."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from pyflowmap.distributed import Shard
 from pyflowmap.flowmap import FlowMap, as_velocity  # noqa: F401  (re-exported)
 from pyflowmap.interpolants import GaussianBase, Interpolant, make_interpolant
 from pyflowmap.losses import residual_loss
-from pyflowmap.validation import check_batch
 from pyflowmap.objectives.weighting import LearnedWeighting
 from pyflowmap.times import TimeSampler
+from pyflowmap.validation import check_batch
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -24,27 +25,15 @@ Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass
 class LossOutput:
     """``loss``: the scalar to backpropagate. ``per_sample``: unweighted per-sample losses
-    ``[B]`` (flow matching for the first ``n_diag`` samples, distillation for the rest).
-    ``metrics``: detached scalars (``fm``, ``distill``, ``loss``) for logging."""
+    ``[B]``, the objective's parts in order (flow-map objectives: flow matching for the first
+    ``n_diag`` samples, distillation for the rest; ECT: ``n_diag`` counts its r = 0 samples,
+    whose target is the data). ``metrics``: detached scalars for logging: ``loss`` and one
+    mean per part named in the objective's ``parts``, plus any the objective adds."""
 
     loss: torch.Tensor
     per_sample: torch.Tensor
     n_diag: int
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def check_shard(shard: Shard | None, global_batch: int | None, n_local: int) -> int:
-    """The global batch size; with a shard, ``n_local`` must be this rank's share of it."""
-    if shard is None:
-        if global_batch is not None and global_batch != n_local:
-            raise ValueError(f"global_batch={global_batch} without a shard must equal the batch size {n_local}")
-        return n_local
-    if global_batch is None:
-        raise ValueError("a shard needs global_batch, the size of the batch that is split over ranks")
-    if shard.count(global_batch) != n_local:
-        raise ValueError(f"rank {shard.rank} of {shard.world} owns {shard.count(global_batch)} rows of a global "
-                         f"batch of {global_batch}, but x1 has {n_local}")
-    return global_batch
 
 
 def freeze(module):
@@ -54,7 +43,48 @@ def freeze(module):
     return module
 
 
-class Objective(nn.Module):
+class ObjectiveBase(nn.Module):
+    """The contract every objective keeps, so a trainer never asks which kind it holds:
+
+        objective(model, x1, generator=None, step=0, shard=None, global_batch=None) -> LossOutput
+
+    ``x1``: a data batch ``[B, ...]`` (with ``shard``: this rank's rows ``shard.indices(
+    global_batch)`` of a global batch); all randomness from ``generator``; ``step``: the
+    optimizer step (schedules such as ECT's read it, the others ignore it). The loss is a sum
+    of named parts (``parts``), each averaged over its global count and, sharded, scaled by W
+    so that DDP's gradient average equals one process's gradient on the global batch
+    (:mod:`pyflowmap.distributed`). ``metrics`` holds ``loss`` and one mean per part.
+    """
+
+    name = "objective"
+    parts: tuple[str, ...] = ()
+
+    def forward(self, model, x1: torch.Tensor, generator: torch.Generator | None = None, step: int = 0,
+                shard: Shard | None = None, global_batch: int | None = None) -> LossOutput:
+        raise NotImplementedError
+
+    @staticmethod
+    def global_batch_size(shard: Shard | None, global_batch: int | None, n_local: int) -> int:
+        """The global batch size; with a shard, ``n_local`` must be this rank's share of it."""
+        if shard is None:
+            if global_batch is not None and global_batch != n_local:
+                raise ValueError(f"global_batch={global_batch} without a shard must equal the batch size {n_local}")
+            return n_local
+        if global_batch is None:
+            raise ValueError("a shard needs global_batch, the size of the batch that is split over ranks")
+        if shard.count(global_batch) != n_local:
+            raise ValueError(f"rank {shard.rank} of {shard.world} owns {shard.count(global_batch)} rows of a global "
+                             f"batch of {global_batch}, but x1 has {n_local}")
+        return global_batch
+
+    @staticmethod
+    def share(shard: Shard | None, n_local: int, n_global: int) -> float:
+        """The factor turning a local mean over ``n_local`` rows into this rank's share of the
+        global mean over ``n_global`` rows, times W (1 unsharded)."""
+        return 1.0 if shard is None else shard.scale(n_local, n_global)
+
+
+class Objective(ObjectiveBase):
     """Base of all flow-map objectives.
 
     Per batch: x0 ~ base, (s, t) from ``times`` (the first ``n_diag`` on the diagonal), then
@@ -69,8 +99,8 @@ class Objective(nn.Module):
     ``self.derivative`` (a :class:`~pyflowmap.derivatives.DerivativeMode`).
     """
 
-    name = "objective"
     uses_derivative = False
+    parts = ("fm", "distill")
 
     def __init__(
         self,
@@ -114,9 +144,10 @@ class Objective(nn.Module):
         Computed from detached values (MeanFlow's adaptive weight overrides this)."""
         return None
 
-    def forward(self, flowmap: FlowMap, x1: torch.Tensor, generator: torch.Generator | None = None,
+    def forward(self, flowmap: FlowMap, x1: torch.Tensor, generator: torch.Generator | None = None, step: int = 0,
                 shard: Shard | None = None, global_batch: int | None = None) -> LossOutput:
-        """The loss on a data batch ``x1`` ``[B, ...]``; randomness from ``generator``.
+        """The loss on a data batch ``x1`` ``[B, ...]``; randomness from ``generator``
+        (``step`` is not used: these objectives have no schedule).
 
         Data-parallel use (:mod:`pyflowmap.distributed`): ``x1`` holds this rank's rows
         ``shard.indices(global_batch)`` of a global batch; the noise, times and draws are made
@@ -126,7 +157,7 @@ class Objective(nn.Module):
         # one host check per step: NaN data would poison the run silently
         check_batch("x1", x1, role="the data batch")
         dev, dt = x1.device, x1.dtype
-        B = check_shard(shard, global_batch, x1.shape[0])
+        B = self.global_batch_size(shard, global_batch, x1.shape[0])
         x0 = self.base.sample((B,) + tuple(x1.shape[1:]), generator=generator, device=dev, dtype=dt)
         s, t, n_diag = self.times.sample(B, generator=generator, device=dev, dtype=dt)
         # without a generator (and unsharded) the draws stay inside offdiag_terms, after the
@@ -170,7 +201,7 @@ class Objective(nn.Module):
                 part, per = residual_loss(pred, target, weight=extra)
             # sharded: this rank's share of the global mean, times W (DDP averages over ranks),
             # for the loss and for the logged part means alike
-            share = 1.0 if shard is None else shard.scale(per.shape[0], counts[key])
+            share = self.share(shard, per.shape[0], counts[key])
             loss = loss + (part * share).to(loss.dtype)
             metrics[key] = per.detach().mean() * share
             per_sample.append(per)

@@ -1,18 +1,17 @@
-"""ECT, Easy Consistency Tuning (Geng et al.; MATH.md section 5), in EDM's sigma space."""
+"""ECT, Easy Consistency Tuning (Geng et al.; docs/objectives.md section 14), in EDM's sigma space."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
-from torch import nn
 
-from pyflowmap.consistency import EDMConsistency
+from pyflowmap._tensors import expand_time
+from pyflowmap.consistency import ECTSchedule, EDMConsistency
 from pyflowmap.distributed import Shard
-from pyflowmap.interpolants import expand_time
 from pyflowmap.losses import residual_loss
-from pyflowmap.objectives.base import LossOutput, check_shard
-from pyflowmap.times import ECTSchedule
+from pyflowmap.objectives.base import LossOutput, ObjectiveBase
 from pyflowmap.validation import check_batch
 
 
@@ -27,10 +26,10 @@ def _set_rng_state(device: torch.device, state) -> None:
         torch.set_rng_state(state)
 
 
-class ECT(nn.Module):
+class ECT(ObjectiveBase):
     """The consistency-tuning loss for an :class:`~pyflowmap.consistency.EDMConsistency` model.
 
-    Per sample: t ~ lognormal (the schedule), r = r(t) at this ``iteration`` (staged, q^-a
+    Per sample: t ~ lognormal (the schedule), r = r(t) at this training ``step`` (staged, q^-a
     shrinking), one eps for both x_t = y + t eps and x_r = y + r eps, and the SAME dropout mask
     in both passes (the global RNG is restored before the r pass); the r pass runs without
     gradient on the live weights, and r = 0 makes the target the data itself. Loss:
@@ -41,6 +40,9 @@ class ECT(nn.Module):
     ``pretrain=True`` is the diffusion pretraining that ECT tunes from: r = 0 for every sample
     (denoising, f(x_t, t) -> y) with EDM's weight (t^2 + sd^2) / (t sd)^2 and the squared L2
     loss, i.e. the EDM denoiser objective in this same parameterization.
+
+    Parts: ``consistency`` (ECT) or ``denoise`` (pretraining); metrics also carry
+    ``r_zero_fraction``, the share of samples whose target is the data.
     """
 
     name = "ect"
@@ -52,26 +54,32 @@ class ECT(nn.Module):
             raise ValueError(f"ECT: pseudo-Huber c must be >= 0, got {c}")
         self.c = c
         self.pretrain = pretrain
+        self.parts = ("denoise",) if pretrain else ("consistency",)
 
     def huber_c(self, y: torch.Tensor) -> float:
         return 0.00054 * math.sqrt(y[0].numel()) if self.c is None else float(self.c)
 
     def forward(self, model: EDMConsistency, y: torch.Tensor, generator: torch.Generator | None = None,
-                iteration: int = 0, shard: Shard | None = None, global_batch: int | None = None) -> LossOutput:
-        """The loss on ``y`` ``[B, ...]``; with ``shard``, ``y`` is this rank's rows of a global
-        batch (see :meth:`pyflowmap.objectives.Objective.forward`)."""
+                step: int = 0, shard: Shard | None = None, global_batch: int | None = None,
+                iteration: int | None = None) -> LossOutput:
+        """The loss on ``y`` ``[B, ...]`` at training step ``step`` (the schedule's stage
+        counter); with ``shard``, ``y`` is this rank's rows of a global batch (see
+        :class:`~pyflowmap.objectives.ObjectiveBase`). ``iteration`` is the old name of
+        ``step`` (deprecated)."""
+        if iteration is not None:
+            warnings.warn("ECT(..., iteration=) is deprecated: pass step=", DeprecationWarning, stacklevel=2)
+            step = iteration
         check_batch("ECT: y", y, role="the data batch")
-        if int(iteration) < 0:
-            raise ValueError(f"ECT: iteration must be >= 0, got {iteration}")
+        if int(step) < 0:
+            raise ValueError(f"ECT: step (the schedule's iteration) must be >= 0, got {step}")
         dev, dt = y.device, y.dtype
-        B = check_shard(shard, global_batch, y.shape[0])
+        B = self.global_batch_size(shard, global_batch, y.shape[0])
         t = self.schedule.sample_t(B, generator=generator, device=dev, dtype=dt)
         eps = torch.randn((B,) + tuple(y.shape[1:]), generator=generator, device=dev, dtype=dt)
-        scale = 1.0
         if shard is not None:
             idx = shard.indices(B, device=dev)
             t, eps = t[idx], eps[idx]
-            scale = shard.scale(y.shape[0], B)
+        scale = self.share(shard, y.shape[0], B)
         x_t = y + expand_time(t, y) * eps
         if self.pretrain:
             sd = model.path.sigma_data
@@ -80,7 +88,7 @@ class ECT(nn.Module):
             loss = loss * scale
             return LossOutput(loss=loss, per_sample=per, n_diag=0,
                               metrics={"loss": loss.detach(), "denoise": per.detach().mean() * scale})
-        r = self.schedule.r(t, iteration)
+        r = self.schedule.r(t, step)
         rng = _rng_state(dev)
         pred = model(x_t, t)
         with torch.no_grad():

@@ -1,10 +1,10 @@
-"""MeanFlow (Geng et al. 2025; MATH.md section 6) in pyflowmap's flow-map convention."""
+"""MeanFlow (Geng et al. 2025; docs/objectives.md section 13) in pyflowmap's flow-map convention."""
 
 from __future__ import annotations
 
 import torch
 
-from pyflowmap.interpolants import expand_time
+from pyflowmap._tensors import expand_time
 from pyflowmap.objectives.base import Objective
 
 

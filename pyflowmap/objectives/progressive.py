@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pyflowmap._tensors import expand_time
 from pyflowmap.flowmap import FlowMap
-from pyflowmap.interpolants import expand_time
 from pyflowmap.objectives.base import Objective, as_velocity, freeze
 from pyflowmap.times import intermediate_time, psd_gamma
 

@@ -1,6 +1,8 @@
 """Python side of the compiled ops: fake (meta) kernels and autograd formulas.
 
-Every op here has a pure-PyTorch twin of the same name in :mod:`pyflowmap.reference`.
+Every op here is the fused kernel itself, paired at its definition with its pure-PyTorch twin
+of the same name in :mod:`pyflowmap.reference` (``op.twin``); ``op.dispatch`` runs whichever of
+the two applies to its inputs (see :mod:`pyflowmap._dispatch`).
 """
 
 from pyflowmap import _build  # noqa: F401  (loads torch.ops.pyflowmap)
@@ -13,7 +15,3 @@ from pyflowmap.ops.sampler import flowmap_step
 
 __all__ = ["dual_act", "dual_attention", "dual_group_norm", "dual_layer_norm", "dual_linear", "dual_rms_norm", "flowmap_fd_loss",
            "flowmap_loss", "flowmap_step", "jvp_attention"]
-
-from pyflowmap import _dispatch  # noqa: E402
-
-_dispatch.register_kernels()

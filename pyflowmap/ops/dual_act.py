@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 
 from pyflowmap import _build  # noqa: F401  (registers the op schemas)
+from pyflowmap._dispatch import fused_op
 from pyflowmap.reference import dual as _ref
 
 KINDS = ("gelu", "silu")
 
 
+@fused_op(twin=_ref.dual_act)
 def dual_act(zz: torch.Tensor, kind: str = "gelu") -> torch.Tensor:
     """``[a(z); a'(z) z_dot]`` for stacked ``zz = [z; z_dot]`` (``[2B, ...]``), one fused pass.
 

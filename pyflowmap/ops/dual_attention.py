@@ -16,13 +16,20 @@ import math
 import torch
 
 from pyflowmap import _build  # noqa: F401  (registers the op schemas)
+from pyflowmap._dispatch import fused_op
+from pyflowmap._tensors import acc_dtype
 from pyflowmap.ops._autograd import forbid_double_backward
+from pyflowmap.reference import dual as _ref
+
+# the chunked path covers every floating dtype on every device
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _scale(q, scale):
     return float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
 
 
+@fused_op(twin=_ref.jvp_attention, kernel="dual_attention", cpu_dtypes=_CPU_DTYPES)
 def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dot: torch.Tensor | None = None,
                   k_dot: torch.Tensor | None = None, v_dot: torch.Tensor | None = None, causal: bool = False,
                   scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +44,7 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dot: torc
     return o, o_dot
 
 
+@fused_op(twin=_ref.dual_attention, kernel="dual_attention", cpu_dtypes=_CPU_DTYPES)
 def dual_attention(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, causal: bool = False,
                    scale: float | None = None) -> torch.Tensor:
     """The stacked form the dual layers use: ``[2B, H, N, D]`` inputs ``[x; x_dot]``, output
@@ -49,11 +57,6 @@ def dual_attention(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, causal:
     return torch.cat([o, o_dot])
 
 
-dual_attention.op_name = jvp_attention.op_name = "dual_attention"
-# the chunked path covers every floating dtype on every device
-dual_attention.dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
 def _check(q, k, v, q_dot, k_dot, v_dot, op="dual_attention"):
     torch._check(q.dim() == 4, lambda: f"{op}: `q` must be [batch, heads, Nq, D], got {tuple(q.shape)}")
     torch._check(k.dim() == 4 and k.shape[:2] == q.shape[:2] and k.shape[3] == q.shape[3],
@@ -64,14 +67,10 @@ def _check(q, k, v, q_dot, k_dot, v_dot, op="dual_attention"):
                      lambda: f"{op}: `{name}` must match its primal in shape and dtype")
 
 
-def _stat_dtype(q):
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("pyflowmap::dual_attention")
 def _fake(q, k, v, q_dot, k_dot, v_dot, causal, scale):
     _check(q, k, v, q_dot, k_dot, v_dot)
-    stats = q.new_empty(q.shape[:3], dtype=_stat_dtype(q))
+    stats = q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(q, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 

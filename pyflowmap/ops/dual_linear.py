@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 
 from pyflowmap import _build  # noqa: F401  (registers the op schema)
+from pyflowmap._dispatch import fused_op
+from pyflowmap.reference import dual as _ref
 
 
+@fused_op(twin=_ref.dual_linear)
 def dual_linear(xx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``[x W^T + b; x_dot W^T]`` for ``xx = [x; x_dot]`` ``[2B, ..., in]``: one GEMM over all rows.
 

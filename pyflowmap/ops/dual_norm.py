@@ -7,10 +7,12 @@ import math
 import torch
 
 from pyflowmap import _build  # noqa: F401  (registers the op schemas)
+from pyflowmap._dispatch import fused_op
 from pyflowmap.ops._autograd import forbid_double_backward
+from pyflowmap.reference import dual as _ref
 from pyflowmap.reference.dual import check_normalized_shape
 
-_DTYPES = (torch.float32, torch.float64)
+_CPU_DTYPES = (torch.float32, torch.float64)  # the CPU kernel; CUDA covers 16-bit types too
 
 
 def _norm(xx, weight, bias, length, groups, spatial, center, eps):
@@ -20,17 +22,20 @@ def _norm(xx, weight, bias, length, groups, spatial, center, eps):
     return yy
 
 
+@fused_op(twin=_ref.dual_layer_norm, kernel="dual_norm", cpu_dtypes=_CPU_DTYPES)
 def dual_layer_norm(xx, normalized_shape, weight=None, bias=None, eps=1e-5):
     """Fused twin of :func:`pyflowmap.reference.dual_layer_norm`."""
     check_normalized_shape(xx, normalized_shape)
     return _norm(xx, weight, bias, math.prod(tuple(normalized_shape)), 1, 1, True, eps)
 
 
+@fused_op(twin=_ref.dual_rms_norm, kernel="dual_norm", cpu_dtypes=_CPU_DTYPES)
 def dual_rms_norm(xx, weight=None, eps=1e-6):
     """Fused twin of :func:`pyflowmap.reference.dual_rms_norm`."""
     return _norm(xx, weight, None, xx.shape[-1], 1, 1, False, eps)
 
 
+@fused_op(twin=_ref.dual_group_norm, kernel="dual_norm", cpu_dtypes=_CPU_DTYPES)
 def dual_group_norm(xx, groups, weight=None, bias=None, eps=1e-5):
     """Fused twin of :func:`pyflowmap.reference.dual_group_norm` for ``[2B, C, ...]``."""
     c = xx.shape[1]
@@ -38,10 +43,6 @@ def dual_group_norm(xx, groups, weight=None, bias=None, eps=1e-5):
         raise ValueError(f"channels {c} not divisible by groups {groups}")
     spatial = math.prod(xx.shape[2:])
     return _norm(xx, weight, bias, (c // groups) * spatial, groups, spatial, True, eps)
-
-
-for _f in (dual_layer_norm, dual_rms_norm, dual_group_norm):
-    _f.op_name, _f.dtypes = "dual_norm", _DTYPES
 
 
 @torch.library.register_fake("pyflowmap::dual_norm")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from pyflowmap import _build  # noqa: F401  (registers the op schemas)
-from pyflowmap._dtypes import acc_dtype
+from pyflowmap import _build, reference  # noqa: F401  (_build registers the op schemas)
+from pyflowmap._dispatch import fused_op
+from pyflowmap._tensors import acc_dtype
 from pyflowmap.ops._autograd import forbid_double_backward
 from pyflowmap.reference.losses import METRICS
+from pyflowmap.validation import scalar_target
 
 
+@fused_op(twin=reference.flowmap_loss)
 def flowmap_loss(pred: torch.Tensor, target: torch.Tensor | float | None = None,
                  weight: torch.Tensor | None = None, metric: str = "l2sq", c: float = 0.0):
     """Fused ``(loss, per_sample)`` for a prediction and its (stop-gradient or not) target.
@@ -19,10 +22,7 @@ def flowmap_loss(pred: torch.Tensor, target: torch.Tensor | float | None = None,
     unweighted metric m_i (float32; float64 for float64). Gradients flow to ``pred``,
     ``target`` and ``weight``; the ``pred`` gradient is one pass over the rows.
     """
-    if isinstance(target, (int, float)):
-        if target != 0:
-            raise ValueError("flowmap_loss: a scalar target must be 0")
-        target = None
+    target = scalar_target(target, "flowmap_loss")
     return torch.ops.pyflowmap.flowmap_loss(pred, target, weight, metric, float(c))
 
 
@@ -65,6 +65,7 @@ torch.library.register_autograd("pyflowmap::flowmap_loss", _backward, setup_cont
 forbid_double_backward("pyflowmap::flowmap_loss_backward")
 
 
+@fused_op(twin=reference.flowmap_fd_loss)
 def flowmap_fd_loss(plus: torch.Tensor, minus: torch.Tensor, target: torch.Tensor | float | None = None,
                     weight: torch.Tensor | None = None, inv_2h: float = 1.0, metric: str = "l2sq",
                     c: float = 0.0):
@@ -72,10 +73,7 @@ def flowmap_fd_loss(plus: torch.Tensor, minus: torch.Tensor, target: torch.Tenso
     formed in float64 inside the kernel, so a bfloat16 or float32 pair of evaluations loses
     nothing to the subtraction. Gradients flow to ``plus`` (+), ``minus`` (-), ``target``,
     ``weight``."""
-    if isinstance(target, (int, float)):
-        if target != 0:
-            raise ValueError("flowmap_fd_loss: a scalar target must be 0")
-        target = None
+    target = scalar_target(target, "flowmap_fd_loss")
     return torch.ops.pyflowmap.flowmap_fd_loss(plus, minus, target, weight, float(inv_2h), metric, float(c))
 
 

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from pyflowmap import _build  # noqa: F401  (registers the op schema)
-from pyflowmap._dtypes import acc_dtype
+from pyflowmap import _build, reference  # noqa: F401  (_build registers the op schema)
+from pyflowmap._dispatch import fused_op
+from pyflowmap._tensors import acc_dtype
 
 _OP = "pyflowmap::flowmap_step"
 
 
-def time_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    """Times are float64 for float64 states, else float32 (bf16 times would be off by ~4e-3)."""
-    return acc_dtype(x_dtype)
-
-
-def _as_time(value, x: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(value, dtype=time_dtype(x.dtype), device=x.device)
-
-
+# the CPU kernel covers float16 too
+@fused_op(twin=reference.flowmap_step, cpu_dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16))
 def flowmap_step(x: torch.Tensor, v: torch.Tensor, s, t) -> torch.Tensor:
     """One flow-map jump ``x + (t - s) * v`` through the fused kernel.
 
@@ -30,7 +24,9 @@ def flowmap_step(x: torch.Tensor, v: torch.Tensor, s, t) -> torch.Tensor:
     Returns:
         A new tensor shaped like ``x``. Differentiable in ``x``, ``v``, ``s`` and ``t``.
     """
-    return torch.ops.pyflowmap.flowmap_step(x, v, _as_time(s, x), _as_time(t, x))
+    tdtype = acc_dtype(x.dtype)
+    return torch.ops.pyflowmap.flowmap_step(x, v, torch.as_tensor(s, dtype=tdtype, device=x.device),
+                                            torch.as_tensor(t, dtype=tdtype, device=x.device))
 
 
 @torch.library.register_fake(_OP)
@@ -43,7 +39,7 @@ def _flowmap_step_fake(x, v, s, t):
             time.dim() == 0 or (time.dim() == 1 and time.shape[0] == x.shape[0]),
             lambda: f"flowmap_step: `{name}` must be a scalar or [batch] tensor",
         )
-        torch._check(time.dtype == time_dtype(x.dtype), lambda: f"flowmap_step: `{name}` dtype")
+        torch._check(time.dtype == acc_dtype(x.dtype), lambda: f"flowmap_step: `{name}` dtype")
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 

@@ -25,6 +25,11 @@ def split(xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xx[:half], xx[half:]
 
 
+def stack(x: torch.Tensor, x_dot: torch.Tensor | None) -> torch.Tensor:
+    """``[x; x_dot]`` with a zero tangent for ``None``."""
+    return torch.cat([x, torch.zeros_like(x) if x_dot is None else x_dot.to(x.dtype)])
+
+
 def check_normalized_shape(xx: torch.Tensor, normalized_shape) -> None:
     shape = tuple(normalized_shape)
     if tuple(xx.shape[xx.dim() - len(shape):]) != shape or xx.dim() < len(shape) + 1:
@@ -145,6 +150,18 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dot: torc
     if v_dot is not None:
         o_dot = o_dot + p @ v_dot
     return o, o_dot
+
+
+def math_attention(q, k, v, causal: bool = False) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) V in plain ops: forward-AD capable, twice differentiable,
+    O(N^2) memory. The independent oracle the attention twins are tested against (through
+    torch.func.jvp) and the differentiable recompute of the primal attention's double backward."""
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if causal:
+        nq, nk = q.shape[-2], k.shape[-2]
+        mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, -1) @ v
 
 
 def dual_attention(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, causal: bool = False,

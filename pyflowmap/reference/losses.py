@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pyflowmap._dtypes import acc_dtype
+from pyflowmap._tensors import acc_dtype
+from pyflowmap.validation import scalar_target
 
 METRICS = ("l2sq", "pseudo_huber")
 
@@ -20,10 +21,7 @@ def flowmap_loss(pred: torch.Tensor, target: torch.Tensor | None = None, weight:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if pred.dim() < 1 or pred.shape[0] == 0:
         raise ValueError("flowmap_loss: empty batch")
-    if isinstance(target, (int, float)):
-        if target != 0:
-            raise ValueError("flowmap_loss: a scalar target must be 0")
-        target = None
+    target = scalar_target(target, "flowmap_loss")
     if target is not None and target.shape != pred.shape:
         raise ValueError(f"flowmap_loss: `target` shape {tuple(target.shape)} differs from `pred` {tuple(pred.shape)}")
     if weight is not None and weight.shape != (pred.shape[0],):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pyflowmap._dtypes import acc_dtype
+from pyflowmap._tensors import acc_dtype
 
 
 def flowmap_step(x: torch.Tensor, v: torch.Tensor, s, t) -> torch.Tensor:

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import torch
 
-from pyflowmap.checkpoint import load_checkpoint
-from pyflowmap.config import TrainConfig, build_base, build_model
-from pyflowmap.data import sample_data
 from pyflowmap.flowmap import FlowMap
 from pyflowmap.interpolants import GaussianBase
-from pyflowmap.metrics import checker_kl, energy_distance
-from pyflowmap.sampling import sample, sample_ode
+from pyflowmap.sampling import draw
+from pyflowmap.toy2d.config import TrainConfig, build_base, build_model
+from pyflowmap.toy2d.data import sample_data
+from pyflowmap.toy2d.metrics import checker_kl, energy_distance
+from pyflowmap.training.checkpoint import load_checkpoint
 
+# the subset of pyflowmap.sampling.SAMPLERS that fits a 2D flow map trained without re-noising
 SAMPLERS = ("map", "euler", "heun")
 
 
@@ -26,14 +27,6 @@ def load_model(ckpt: str | Path, use_ema: bool = True, device="cpu") -> tuple[Fl
     model.load_state_dict(state["ema" if use_ema else "model"])
     model.to(device).eval()
     return model, build_base(cfg, state["data_std"]), cfg, state
-
-
-def draw(model: FlowMap, noise: torch.Tensor, sampler: str, steps: int) -> torch.Tensor:
-    if sampler == "map":
-        return sample(model, noise, steps=steps)
-    if sampler in ("euler", "heun"):
-        return sample_ode(model, noise, steps=steps, method=sampler)
-    raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
 
 
 def evaluate(model: FlowMap, base: GaussianBase, data: str, steps=(1, 2, 4, 8), samplers=SAMPLERS,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 
 def plot_sample_grid(samples: dict, path: str | Path, lim: float = 4.5, bins: int = 200, title: str = "") -> Path:
     """2D histograms: one row per sampler, the data first, then each step count.

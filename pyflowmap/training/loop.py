@@ -1,20 +1,18 @@
-"""The training loop shared by every pyflowmap trainer (EMA, gradient clipping, learning-rate
-schedule, non-finite step guard, atomic checkpoints, exact resume) and the 2D trainer."""
+"""The training loop every pyflowmap trainer shares: model, EMA and objective built in a fixed
+hook order, data-parallel wrapping, learning-rate schedule, gradient clipping, the non-finite
+step guard, atomic checkpoints and exact resume."""
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from pyflowmap import distributed as dist_
-from pyflowmap.checkpoint import all_finite, atomic_write, load_checkpoint, save_checkpoint, save_weights
-from pyflowmap.config import TrainConfig, build_base, build_model, build_objective, data_statistics
-from pyflowmap.data import sample_data
+from pyflowmap.training.checkpoint import all_finite, atomic_write, load_checkpoint, save_checkpoint, save_weights
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "weights.safetensors"
@@ -30,20 +28,25 @@ class NonFiniteTraining(RuntimeError):
     """Raised when too many consecutive steps produced a non-finite loss or gradient."""
 
 
-def _lr_factor(decay_after: int):
-    if decay_after <= 0:
-        return lambda step: 1.0
-    return lambda step: 1.0 if step < decay_after else math.sqrt(decay_after / max(step, 1))
-
-
 class TrainerBase:
     """The loop, the guard and the state that every trainer shares.
 
-    A subclass builds ``cfg``, ``model``, ``ema``, ``objective``, ``params``, ``optimizer``,
-    ``scheduler`` and ``generator`` in its ``__init__`` (calling :meth:`_parallelize` after the
-    model, EMA and objective and before the optimizer), then calls :meth:`_start`; it supplies
-    :meth:`loss_output` (one batch's :class:`~pyflowmap.objectives.LossOutput`, all randomness
-    from ``self.generator``) and the class attributes ``config_cls`` and ``format``.
+    ``__init__`` builds a run from ``cfg`` (a :class:`~pyflowmap.training.LoopConfig`) in one
+    fixed order of hooks, so no subclass can get it wrong:
+
+    1. :meth:`prepare` (data and whatever the model is built from);
+    2. ``torch.manual_seed(cfg.seed)``, then :meth:`build_model` and its EMA copy;
+    3. :meth:`build_objective`;
+    4. data-parallel wrapping under torchrun (DDP, or FSDP2 when ``cfg.fsdp``), before the
+       optimizer exists, because FSDP2 replaces the parameters by their shards;
+    5. :meth:`build_optimizer` over the model's and the objective's trainable parameters, a
+       ``LambdaLR`` with :meth:`lr_factor`, and the training generator (seed ``cfg.seed + 1``).
+
+    A subclass supplies those hooks, :meth:`next_batch` (this rank's rows of one global batch,
+    all randomness from ``self.generator``) and the class attributes ``config_cls`` and
+    ``format``. Every objective is called the same way, ``objective(model, x1,
+    generator=..., step=..., shard=..., global_batch=...)``, and returns a
+    :class:`~pyflowmap.objectives.LossOutput`.
 
     A step whose loss or gradient norm is not finite is skipped (no parameter, EMA or optimizer
     update) and counted; after ``max_bad_steps`` consecutive ones training stops with
@@ -58,10 +61,71 @@ class TrainerBase:
     format: str = ""
     resume_overrides = ("steps", "ckpt_every", "log_every", "device", "max_bad_steps")
 
+    def __init__(self, cfg, out_dir: str | Path | None = None, progress: bool = True):
+        cfg.validate()
+        self.cfg = cfg
+        self.device = dist_.local_device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"{type(cfg).__name__}.device is cuda but no CUDA device is available")
+        self.prepare()
+        torch.manual_seed(cfg.seed)  # parameter initialization
+        self.model = self.build_model().to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.objective = self.build_objective().to(self.device)
+        self._parallelize()
+        self.params = [p for p in list(self.model.parameters()) + list(self.objective.parameters())
+                       if p.requires_grad]
+        self.optimizer = self.build_optimizer(self.params)
+        # a plain lambda: LambdaLR then keeps the schedule out of the checkpoint (it is config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda n: self.lr_factor(n))
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress = progress and dist_.is_main()
+        self.step = 0
+        self.bad_steps = 0
+        self.skipped = 0
+        self.train_seconds = 0.0
+        self.history: list[dict] = []
+
+    # -- hooks --------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Load data and anything else the model and objective are built from."""
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def build_objective(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def build_optimizer(self, params) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def lr_factor(self, step: int) -> float:
+        """The learning-rate multiplier at optimizer step ``step``."""
+        return 1.0
+
+    def next_batch(self) -> torch.Tensor:
+        """This rank's rows of the next global data batch."""
+        raise NotImplementedError
+
+    def ema_decay(self) -> float:
+        return self.cfg.ema
+
+    def extra_state(self) -> dict:
+        """Subclass state saved beside the common one (plain tensors and Python values)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def loss_output(self):
+        """One batch's :class:`~pyflowmap.objectives.LossOutput` on this rank's rows."""
+        return self.objective(self.model, self.next_batch(), generator=self.generator, step=self.step,
+                              **self.shard_args())
+
     def _parallelize(self) -> None:
-        """Under torchrun: wrap the step in DDP, or in FSDP2 when ``cfg.fsdp``. Subclasses call
-        it after building model, EMA and objective and before the optimizer (FSDP2 replaces
-        the parameters by their shards). A one-process run is left as it is."""
+        """Under torchrun: wrap the step in DDP, or in FSDP2 when ``cfg.fsdp``. A one-process
+        run is left as it is."""
         self.shard = dist_.current_shard()
         self.parallel = None
         self._ema_shards = None
@@ -85,20 +149,6 @@ class TrainerBase:
         else:
             self.parallel = dist_.wrap_ddp(self.model, self.objective, compute, self.device)
 
-    def _start(self, out_dir, progress: bool) -> None:
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        if not hasattr(self, "shard"):  # wrapping after the optimizer exists would miss FSDP2's shards
-            raise TypeError(f"{type(self).__name__} must call _parallelize() before building its optimizer")
-        self.progress = progress and dist_.is_main()
-        self.step = 0
-        self.bad_steps = 0
-        self.skipped = 0
-        self.train_seconds = 0.0
-        self.history: list[dict] = []
-
-    def loss_output(self):
-        raise NotImplementedError
-
     def shard_args(self) -> dict:
         """Keyword arguments that make an objective compute this rank's share of the loss."""
         return {} if self.shard is None else {"shard": self.shard, "global_batch": self.cfg.batch}
@@ -106,16 +156,6 @@ class TrainerBase:
     def shard_rows(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a global batch (all of it in a one-process run)."""
         return x if self.shard is None else x[self.shard.indices(x.shape[0], device=x.device)]
-
-    def ema_decay(self) -> float:
-        return self.cfg.ema
-
-    def extra_state(self) -> dict:
-        """Subclass state saved beside the common one (plain tensors and Python values)."""
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
 
     # -- one step -----------------------------------------------------------------------------
     def train_step(self) -> dict | None:
@@ -384,43 +424,3 @@ class TrainerBase:
         trainer = cls(cfg, out_dir=out_dir, progress=progress, **init_kwargs)
         trainer.load_state_dict(state)
         return trainer
-
-
-class Trainer(TrainerBase):
-    """Trains a 2D flow map from a :class:`TrainConfig`.
-
-    All training randomness (data, base noise, times, PSD splits) comes from one
-    ``torch.Generator`` whose state is checkpointed with model, EMA, optimizer, scheduler and
-    step, so :meth:`resume` continues bit-for-bit (CPU).
-    """
-
-    config_cls = TrainConfig
-    format = "pyflowmap-2d-v1"
-
-    def __init__(self, cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True):
-        cfg.validate()
-        self.cfg = cfg
-        self.device = dist_.local_device(cfg.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("TrainConfig.device is cuda but no CUDA device is available")
-        self.data_std = data_statistics(cfg)
-        self.base = build_base(cfg, self.data_std)
-        torch.manual_seed(cfg.seed)  # parameter initialization
-        self.model = build_model(cfg, self.data_std).to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.objective = build_objective(cfg, self.model, self.base).to(self.device)
-        self._parallelize()
-        self.params = [p for p in list(self.model.parameters()) + list(self.objective.parameters())
-                       if p.requires_grad]
-        self.optimizer = torch.optim.RAdam(self.params, lr=cfg.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg.lr_decay_after))
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
-        self._start(out_dir, progress)
-
-    def loss_output(self):
-        # the global batch is drawn on every rank (cheap 2D sampling), each keeps its rows
-        x1 = sample_data(self.cfg.data, self.cfg.batch, generator=self.generator, device=self.device)
-        return self.objective(self.model, self.shard_rows(x1), generator=self.generator, **self.shard_args())
-
-    def extra_state(self) -> dict:
-        return {"data_std": self.data_std}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pyflowmap.data import checker, checker_density
+from pyflowmap.toy2d.data import checker, checker_density
 
 
 def checker_kl(samples: torch.Tensor, bins_per_unit: int = 4, alpha: float = 0.5) -> float:

@@ -1,0 +1,63 @@
+"""What every run configuration shares: the loop's fields, their checks, dict round trips."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+DERIVATIVES = ("auto", "jvp", "fd", "dual")
+
+
+@dataclass
+class LoopConfig:
+    """The fields the shared training loop reads (:class:`pyflowmap.training.TrainerBase`).
+
+    An app's config (``pyflowmap.toy2d.TrainConfig``, ``pyflowmap.images.ImageConfig``) adds its
+    own fields and may restate a field here to change its default; :meth:`validate` checks these
+    fields and then :meth:`validate_fields`, the app's own checks. Construction validates, and
+    :meth:`from_dict` refuses unknown keys, so a checkpoint's config is read back exactly.
+    """
+
+    objective: str = "lsd"
+    derivative: str = "auto"  # auto | jvp | fd | dual
+    diag_fraction: float = 0.75
+    steps: int = 5000
+    batch: int = 2048
+    lr: float = 1e-3
+    grad_clip: float = 10.0
+    ema: float = 0.999
+    seed: int = 0
+    device: str = "cpu"
+    ckpt_every: int = 500
+    log_every: int = 50
+    max_bad_steps: int = 50
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        need = self._need
+        self.validate_fields()
+        need(self.derivative in DERIVATIVES, f"derivative must be auto|jvp|fd|dual, got {self.derivative!r}")
+        need(0 <= self.diag_fraction <= 1, f"diag_fraction must be in [0, 1], got {self.diag_fraction}")
+        for name in ("steps", "batch", "ckpt_every", "log_every", "max_bad_steps"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(self.grad_clip > 0, f"grad_clip must be positive, got {self.grad_clip}")
+        need(0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}")
+
+    def validate_fields(self) -> None:
+        """The app's own checks (its objective names, model sizes, ...)."""
+
+    def _need(self, cond, msg: str) -> None:
+        if not cond:
+            raise ValueError(f"{type(self).__name__}: {msg}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+        return cls(**d)
