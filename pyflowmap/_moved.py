@@ -1,8 +1,8 @@
 """Import paths from before the package was split into core, ``training`` and the apps, kept
-working: ``import pyflowmap.train`` gives :mod:`pyflowmap.toy2d.train` (the same module object,
-so classes compare equal) with a DeprecationWarning naming the new path. Names that moved
-between modules that still exist are forwarded by those modules' ``__getattr__``
-(:func:`forward`)."""
+working: ``import pyflowmap.train`` gives a module holding the same objects as before (from
+:mod:`pyflowmap.toy2d.train` and :mod:`pyflowmap.training`, so classes compare equal), with a
+DeprecationWarning naming the new paths. Names that moved between modules that still exist
+are forwarded by those modules' ``__getattr__`` (:func:`forward`)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,21 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import types
 import warnings
 
+# old module -> the modules its public names now live in (the first one is the main heir)
 MODULES = {
-    "pyflowmap.train": "pyflowmap.toy2d.train",
-    "pyflowmap.config": "pyflowmap.toy2d.config",
-    "pyflowmap.data": "pyflowmap.toy2d.data",
-    "pyflowmap.metrics": "pyflowmap.toy2d.metrics",
-    "pyflowmap.evaluate": "pyflowmap.toy2d.evaluate",
-    "pyflowmap.plots": "pyflowmap.toy2d.plots",
-    "pyflowmap.checkpoint": "pyflowmap.training.checkpoint",
-    "pyflowmap._dtypes": "pyflowmap._tensors",
+    "pyflowmap.train": ("pyflowmap.toy2d.train", "pyflowmap.training"),
+    "pyflowmap.config": ("pyflowmap.toy2d.config", "pyflowmap.training.config"),
+    "pyflowmap.data": ("pyflowmap.toy2d.data",),
+    "pyflowmap.metrics": ("pyflowmap.toy2d.metrics",),
+    "pyflowmap.evaluate": ("pyflowmap.toy2d.evaluate", "pyflowmap.sampling"),
+    "pyflowmap.plots": ("pyflowmap.toy2d.plots",),
+    "pyflowmap.checkpoint": ("pyflowmap.training.checkpoint",),
+    "pyflowmap._dtypes": ("pyflowmap._tensors",),
 }
+RENAMED = {"pyflowmap.config": {"ConfigBase": "LoopConfig"}}
 
 
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -31,9 +34,17 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec):
-        new = MODULES[spec.name]
-        warnings.warn(f"{spec.name} moved to {new}; import it from there", DeprecationWarning, stacklevel=2)
-        return importlib.import_module(new)
+        heirs = [importlib.import_module(m) for m in MODULES[spec.name]]
+        warnings.warn(f"{spec.name} moved to {' and '.join(MODULES[spec.name])}; import from there",
+                      DeprecationWarning, stacklevel=2)
+        if len(heirs) == 1:
+            return heirs[0]
+        module = types.ModuleType(spec.name, heirs[0].__doc__)
+        for heir in reversed(heirs):  # the main heir's names win
+            module.__dict__.update({k: v for k, v in vars(heir).items() if not k.startswith("_")})
+        for old, new in RENAMED.get(spec.name, {}).items():
+            module.__dict__[old] = module.__dict__[new]
+        return module
 
     def exec_module(self, module):
         pass  # the target module is already executed

@@ -111,3 +111,49 @@ def test_layers(module):
         assert _layer(target) <= _layer(module), f"{module} (layer {_layer(module)}) imports {target}"
         if _layer(module) == 2 and _layer(target) == 2:
             assert target.split(".")[1] == module.split(".")[1], f"app {module} imports the other app's {target}"
+
+
+OLD_IMPORTS = """
+import warnings
+warnings.simplefilter("error", DeprecationWarning)
+import pyflowmap as pf
+from pyflowmap import reference, toy2d, training, consistency
+moved = []
+def old(stmt):
+    try:
+        exec(stmt, {})
+    except DeprecationWarning as w:
+        moved.append(str(w))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ns = {}
+            exec(stmt, ns)
+            return ns
+    raise AssertionError(f"no DeprecationWarning for {stmt}")
+ns = old("from pyflowmap.train import CHECKPOINT, NonFiniteTraining, Trainer, TrainerBase")
+assert ns["Trainer"] is toy2d.Trainer and ns["TrainerBase"] is training.TrainerBase and ns["CHECKPOINT"] == "checkpoint.pt"
+ns = old("from pyflowmap.config import ConfigBase, TrainConfig, build_model")
+assert ns["ConfigBase"] is training.LoopConfig and ns["TrainConfig"] is toy2d.TrainConfig
+ns = old("from pyflowmap.checkpoint import atomic_write, load_checkpoint")
+assert ns["load_checkpoint"] is training.load_checkpoint
+ns = old("from pyflowmap.evaluate import SAMPLERS, draw, evaluate")
+assert ns["draw"] is pf.draw and ns["SAMPLERS"] == ("map", "euler", "heun")
+ns = old("from pyflowmap.data import sample_data")
+ns = old("from pyflowmap.metrics import checker_kl")
+ns = old("from pyflowmap.interpolants import EDMSigmaPath")
+assert ns["EDMSigmaPath"] is consistency.EDMSigmaPath
+ns = old("from pyflowmap.times import ECTSchedule")
+assert ns["ECTSchedule"] is consistency.ECTSchedule
+ns = old("from pyflowmap.nn.attention import math_attention")
+assert ns["math_attention"] is reference.math_attention
+print(len(moved))
+"""
+
+
+def test_old_import_paths_still_work_and_warn():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", OLD_IMPORTS], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "9"

@@ -7,12 +7,15 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from pyflowmap import distributed as dist_
-from pyflowmap.training.checkpoint import all_finite, atomic_write, load_checkpoint, save_checkpoint, save_weights
+from pyflowmap.training.checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_weights
+from pyflowmap.training.guard import NonFiniteGuard
+from pyflowmap.training.parallel import Parallel
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "weights.safetensors"
@@ -22,10 +25,6 @@ def _has_safetensors() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("safetensors") is not None
-
-
-class NonFiniteTraining(RuntimeError):
-    """Raised when too many consecutive steps produced a non-finite loss or gradient."""
 
 
 class TrainerBase:
@@ -72,7 +71,10 @@ class TrainerBase:
         self.model = self.build_model().to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.objective = self.build_objective().to(self.device)
-        self._parallelize()
+        # late-bound: subclasses and tests may replace loss_output on the instance
+        self.parallel = Parallel(self.model, self.ema, self.objective, lambda: self.loss_output(), cfg.batch,
+                                 cfg.seed, self.device, fsdp=getattr(cfg, "fsdp", False))
+        self.shard = self.parallel.shard
         self.params = [p for p in list(self.model.parameters()) + list(self.objective.parameters())
                        if p.requires_grad]
         self.optimizer = self.build_optimizer(self.params)
@@ -82,8 +84,7 @@ class TrainerBase:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress and dist_.is_main()
         self.step = 0
-        self.bad_steps = 0
-        self.skipped = 0
+        self.guard = NonFiniteGuard(cfg.max_bad_steps)
         self.train_seconds = 0.0
         self.history: list[dict] = []
 
@@ -123,31 +124,10 @@ class TrainerBase:
         return self.objective(self.model, self.next_batch(), generator=self.generator, step=self.step,
                               **self.shard_args())
 
-    def _parallelize(self) -> None:
-        """Under torchrun: wrap the step in DDP, or in FSDP2 when ``cfg.fsdp``. A one-process
-        run is left as it is."""
-        self.shard = dist_.current_shard()
-        self.parallel = None
-        self._ema_shards = None
-        if self.shard is None:
-            return
-        if self.cfg.batch % self.shard.world:
-            raise ValueError(f"batch={self.cfg.batch} must be divisible by the {self.shard.world} processes "
-                             "(each rank trains an equal share of the global batch)")
-        # dropout is the only per-rank randomness; rank 0 keeps the one-process stream
-        if self.shard.rank > 0:
-            torch.manual_seed(dist_.rank_seed(self.cfg.seed, self.shard.rank))
-        compute = lambda: self.loss_output()  # noqa: E731  (late-bound: subclasses and tests may replace it)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # collectives and NCCL use the current device
-        if getattr(self.cfg, "fsdp", False):
-            self.parallel = dist_.wrap_fsdp(self.model, self.objective, compute)
-            # the EMA is updated shard by shard on the device; its whole copy lives in CPU memory,
-            # assembled for saving and at the end of fit()
-            self._ema_shards = [p.to_local().detach().clone() for p in self.model.parameters()]
-            self.ema.to("cpu")
-        else:
-            self.parallel = dist_.wrap_ddp(self.model, self.objective, compute, self.device)
+    @property
+    def skipped(self) -> int:
+        """Steps skipped so far because their loss or gradient norm was not finite."""
+        return self.guard.skipped
 
     def shard_args(self) -> dict:
         """Keyword arguments that make an objective compute this rank's share of the loss."""
@@ -160,12 +140,7 @@ class TrainerBase:
     # -- one step -----------------------------------------------------------------------------
     def train_step(self) -> dict | None:
         """One optimizer step; returns the step's scalars, or None if it was skipped."""
-        cfg = self.cfg
-        if self.parallel is not None:
-            loss, metrics = self.parallel()  # one DDP / FSDP2 forward spans every network call of the step
-        else:
-            out = self.loss_output()
-            loss, metrics = out.loss, out.metrics
+        loss, metrics = self.parallel.loss()
         self.optimizer.zero_grad(set_to_none=True)
         # decided together: a rank that skipped backward alone would hang the others in DDP
         loss_ok = dist_.all_true(bool(torch.isfinite(loss)), self.device)
@@ -174,93 +149,22 @@ class TrainerBase:
         if finite:
             loss.backward()
             # gradients are already averaged over ranks, so every rank clips alike
-            gnorm = dist_.full(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
+            gnorm = dist_.full(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
             finite = bool(torch.isfinite(gnorm))
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
-            self._reshard()  # FSDP2 frees the gathered root weights in backward, which did not run
-            self.bad_steps += 1
-            self.skipped += 1
-            if dist_.is_main():
-                import warnings
-
-                what = "gradient norm" if loss_ok else "loss" if self.shard is None else "loss (on some rank)"
-                warnings.warn(f"step {self.step}: non-finite {what}, step skipped ({self.skipped} skipped so far, "
-                              f"{self.bad_steps} in a row; training stops at {cfg.max_bad_steps})", stacklevel=2)
-            if self.bad_steps >= cfg.max_bad_steps:
-                raise NonFiniteTraining(
-                    f"{self.bad_steps} consecutive non-finite steps at step {self.step}; last good "
-                    "checkpoint left untouched")
+            self.parallel.reshard()  # backward, which frees FSDP2's gathered weights, did not run
+            what = "gradient norm" if loss_ok else "loss" if self.shard is None else "loss (on some rank)"
+            self.guard.skip(self.step, what, report=dist_.is_main())
             self.step += 1
             self.scheduler.step()
             return None
-        self.bad_steps = 0
+        self.guard.passed()
         self.optimizer.step()
         self.scheduler.step()
-        self._update_ema()
+        self.parallel.update_ema(self.ema, self.model, self.ema_decay())
         self.step += 1
         return {**metrics, "grad_norm": gnorm}
-
-    @torch.no_grad()
-    def _update_ema(self):
-        d = self.ema_decay()
-        if self._ema_shards is not None:
-            torch._foreach_lerp_(self._ema_shards, [p.detach().to_local() for p in self.model.parameters()], 1 - d)
-        else:
-            torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.model.parameters()], 1 - d)
-        for eb, b in zip(self.ema.buffers(), self.model.buffers()):
-            eb.copy_(b)
-
-    def _reshard(self) -> None:
-        if self._ema_shards is not None:
-            self.parallel.reshard()
-
-    @torch.no_grad()
-    def _gather_ema(self) -> None:
-        """Under FSDP2: assemble the whole EMA (kept in CPU memory) from the ranks' shards, one
-        parameter at a time (a collective)."""
-        if self._ema_shards is None:
-            return
-        from torch.distributed.tensor import DTensor
-
-        self._reshard()
-        for (name, p), local in zip(self.model.named_parameters(), self._ema_shards):
-            whole = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-            self.ema.get_parameter(name).copy_(whole.full_tensor())
-
-    def _whole_state(self, module) -> dict:
-        """``module``'s state dict with whole tensors (under FSDP2 each shard is gathered and
-        moved to CPU, one tensor at a time)."""
-        sd = module.state_dict()
-        return sd if self._ema_shards is None else {k: dist_.full(v).cpu() for k, v in sd.items()}
-
-    @staticmethod
-    def _load_whole_state(module, whole: dict) -> None:
-        """Loads whole tensors into ``module``, sharding each like the parameter it replaces."""
-        current = module.state_dict()
-        module.load_state_dict({k: dist_.like(v, current[k]) if k in current else v for k, v in whole.items()})
-
-    def _full_optimizer_state(self) -> dict:
-        """The optimizer state with whole tensors: the same checkpoint whether or not FSDP2
-        sharded it, so a run can resume with or without FSDP2 and on any number of ranks."""
-        sd = self.optimizer.state_dict()
-        if self._ema_shards is None:
-            return sd
-        # one tensor at a time to CPU: a save never holds the whole Adam state on the device
-        sd["state"] = {i: {k: dist_.full(v).cpu() for k, v in st.items()} for i, st in sd["state"].items()}
-        return sd
-
-    def _load_optimizer_state(self, sd: dict) -> None:
-        if self._ema_shards is not None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            sd = {**sd, "state": {i: {k: dist_.like(v, params[int(i)]) if isinstance(v, torch.Tensor) and v.dim() else v
-                                      for k, v in st.items()} for i, st in sd["state"].items()}}
-        self.optimizer.load_state_dict(sd)
-
-    def _finite(self) -> bool:
-        self._reshard()
-        return dist_.all_true(all_finite(self.model) and all_finite(self.ema)
-                              and all(bool(torch.isfinite(t).all()) for t in self._ema_shards or []), self.device)
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, steps: int | None = None, stop_after: int | None = None):
@@ -295,29 +199,29 @@ class TrainerBase:
         if self.out_dir is not None:
             self.save()
         else:
-            self._gather_ema()  # save() gathered it already
+            self.parallel.gather_ema(self.ema, self.model)  # save() gathered it already
         return self
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Whole tensors only (a collective under torchrun: every rank calls it together)."""
-        self._gather_ema()
+        self.parallel.gather_ema(self.ema, self.model)
         return {
             "format": self.format,
             "config": self.cfg.to_dict(),
             "step": self.step,
             "skipped": self.skipped,
             "train_seconds": self.train_seconds,
-            "model": self._whole_state(self.model),
+            "model": self.parallel.whole_state(self.model),
             "ema": self.ema.state_dict(),
-            "objective": self._whole_state(self.objective),
-            "optimizer": self._full_optimizer_state(),
+            "objective": self.parallel.whole_state(self.objective),
+            "optimizer": self.parallel.optimizer_state(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             # every rank's dropout stream (a collective: all ranks call state_dict together)
-            "rank_rng": dist_.gather_objects(self._rank_rng()),
+            "rank_rng": self.parallel.rng_states(),
             "history": self.history,
             **self.extra_state(),
         }
@@ -325,44 +229,19 @@ class TrainerBase:
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != self.format:
             raise ValueError(f"checkpoint format {state.get('format')!r} is not {self.format!r}")
-        self._load_whole_state(self.model, state["model"])
+        self.parallel.load_whole_state(self.model, state["model"])
         self.ema.load_state_dict(state["ema"])
-        if self._ema_shards is not None:
-            ema = self.ema.state_dict()
-            self._ema_shards = [dist_.like(ema[n], p).to_local().clone() for n, p in self.model.named_parameters()]
-        self._load_whole_state(self.objective, state["objective"])
-        self._load_optimizer_state(state["optimizer"])
+        self.parallel.scatter_ema(self.ema, self.model)
+        self.parallel.load_whole_state(self.objective, state["objective"])
+        self.parallel.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         self.step = state["step"]
-        self._set_rank_rng(state)
-        self.skipped = state["skipped"]
+        self.parallel.set_rng_state(state, self.cfg.seed + self.step)
+        self.guard.skipped = state["skipped"]
         self.train_seconds = state["train_seconds"]
         self.history = list(state["history"])
         self.load_extra_state(state)
-
-    def _rank_rng(self):
-        return (torch.get_rng_state(),
-                torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-
-    def _set_rank_rng(self, state: dict) -> None:
-        ranks = state.get("rank_rng") or [(state["torch_rng"], state.get("cuda_rng"))]
-        world = 1 if self.shard is None else self.shard.world
-        r = 0 if self.shard is None else self.shard.rank
-        if len(ranks) == world:
-            cpu, cuda = ranks[r]
-        elif r == 0:
-            cpu, cuda = ranks[0]
-        else:
-            import warnings
-
-            warnings.warn(f"checkpoint from {len(ranks)} processes resumed on {world}: rank {r} draws its "
-                          "dropout masks from a fresh stream (data, noise and times continue exactly)")
-            torch.manual_seed(dist_.rank_seed(self.cfg.seed + self.step, r))
-            return
-        torch.set_rng_state(cpu)
-        if self.device.type == "cuda" and cuda is not None:
-            torch.cuda.set_rng_state(cuda, self.device)
 
     def save(self) -> Path | None:
         """Write ``checkpoint.pt`` (and ``weights.safetensors``, the EMA weights, when safetensors
@@ -372,9 +251,7 @@ class TrainerBase:
         write raises on every rank instead of leaving the others waiting."""
         if self.out_dir is None:
             raise ValueError("Trainer has no out_dir to save to")
-        if not self._finite():  # decided over all ranks
-            import warnings
-
+        if not self.parallel.finite(self.model, self.ema):  # decided over all ranks
             warnings.warn("non-finite parameters: checkpoint NOT written, the previous one is kept")
             return None
         state = self.state_dict()  # on every rank: it gathers the ranks' RNG states
