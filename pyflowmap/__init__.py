@@ -6,6 +6,10 @@
     objective = pf.objectives.LSD(derivative="jvp")    # or ESD, PSD, FM, LMD, EMD, PFMM
     loss = objective(flowmap, x1).loss                 # x1: a data batch [B, ...]
     x = pf.sample(flowmap, noise, steps=4)             # 4 flow-map jumps
+
+Layers: this core (flow maps, objectives, samplers, ``nn`` dual layers, ``ops`` fused kernels
+paired with their ``reference`` twins), :mod:`pyflowmap.training` (the shared loop) and the
+apps :mod:`pyflowmap.toy2d` and :mod:`pyflowmap.images`; docs/architecture.md maps them.
 """
 
 from pyflowmap import _moved, distributed, nn, objectives, ops, reference

@@ -1,7 +1,11 @@
 """Training objectives, one contract (:class:`ObjectiveBase`): flow-map self-distillation (FM,
 LSD, ESD, PSD-U, PSD-M, MeanFlow), distillation from a frozen teacher (LMD, EMD, PFMM) and
 consistency tuning (ECT and its EDM pretraining). The math, with every stop-gradient, is in
-docs/objectives.md."""
+docs/objectives.md.
+
+Files follow the paper's families: ``lagrangian.py`` (LSD, LMD), ``eulerian.py`` (ESD, EMD),
+``progressive.py`` (PSD-U/M, PFMM), ``fm.py``, ``meanflow.py``, ``ect.py``; the contract and
+the shared flow-map reduction in ``base.py``; learned weighting in ``weighting.py``."""
 
 from __future__ import annotations
 
