@@ -4,6 +4,7 @@ installed as ``pyflowmap``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import fields
@@ -15,7 +16,8 @@ from pyflowmap.sampling import draw
 from pyflowmap.toy2d.config import TrainConfig
 from pyflowmap.toy2d.evaluate import SAMPLERS, evaluate, format_table, load_model, to_json
 from pyflowmap.toy2d.train import Trainer
-from pyflowmap.training import CHECKPOINT, atomic_write
+from pyflowmap.training import CHECKPOINT, NonFiniteTraining, atomic_write
+from pyflowmap.training.rundir import RunLock
 
 HELP = {
     "data": "2D dataset: checker, 8gaussians, moons, spiral",
@@ -72,8 +74,14 @@ def _run_eval(run_dir: Path, steps, samplers, n: int, seed: int, use_ema: bool, 
 def _run_device(args, defaults, out: Path) -> str:
     if args.device is not None:
         return args.device
-    if args.resume and (out / "config.json").exists():
-        return json.loads((out / "config.json").read_text()).get("device", defaults.device)
+    if args.resume and (out / "config.json").is_file():
+        try:
+            stored = json.loads((out / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{out / 'config.json'} is not readable JSON ({e}); restore it or start over") from None
+        if not isinstance(stored, dict):
+            raise ValueError(f"{out / 'config.json'} holds a {type(stored).__name__}, not a run config")
+        return stored.get("device", defaults.device)
     return defaults.device
 
 
@@ -84,22 +92,33 @@ def _train(args, trainer_cls, defaults) -> int:
     # under torchrun (WORLD_SIZE > 1): join the group; every rank trains its share of each
     # global batch, rank 0 alone writes and prints
     distributed.init_from_env(_run_device(args, defaults, out))
-    if args.resume:
-        trainer = trainer_cls.resume(out, progress=not args.quiet, **_overrides(args, type(defaults)))
-        if distributed.is_main():
-            print(f"resuming {out / CHECKPOINT} at step {trainer.step} of {trainer.cfg.steps}")
-    else:
-        if (out / CHECKPOINT).exists() and not args.overwrite:
-            print(f"error: {out / CHECKPOINT} exists; pass --resume to continue it or --overwrite", file=sys.stderr)
-            return 2
-        trainer = trainer_cls(_config_from(args, defaults), out_dir=out, progress=not args.quiet)
-    trainer.fit()
+    # the directory is this command's from before the "exists" check until it ends: two
+    # commands on one --out cannot both pass the check (the trainer re-enters the same lock)
+    with RunLock(out) if distributed.is_main() else contextlib.nullcontext():
+        if args.resume:
+            trainer = trainer_cls.resume(out, progress=not args.quiet, **_overrides(args, type(defaults)))
+            if distributed.is_main():
+                print(f"resuming {out / CHECKPOINT} at step {trainer.step} of {trainer.cfg.steps}")
+        else:
+            if (out / CHECKPOINT).exists() and not args.overwrite:
+                print(f"error: {out / CHECKPOINT} exists; pass --resume to continue it or --overwrite", file=sys.stderr)
+                return 2
+            trainer = trainer_cls(_config_from(args, defaults), out_dir=out, progress=not args.quiet)
+        trainer.fit()
+        trainer.close()
     if distributed.is_main():
         world = 1 if trainer.shard is None else trainer.shard.world
         print(f"trained {trainer.step} steps ({trainer.skipped} skipped) in {trainer.train_seconds:.1f} s"
-              + (f" on {world} processes" if world > 1 else "") + f"; checkpoint {out / CHECKPOINT}")
+              + (f" on {world} processes" if world > 1 else ""), end="")
+        if trainer.saved is None:
+            kept = out / CHECKPOINT
+            print("\nerror: the final checkpoint was NOT written (non-finite parameters); "
+                  + (f"{kept} holds the last good state" if kept.is_file() else "no checkpoint exists"),
+                  file=sys.stderr)
+        else:
+            print(f"; checkpoint {trainer.saved}")
     distributed.shutdown()
-    return 0
+    return 0 if trainer.saved is not None else 1
 
 
 def cmd_train(args) -> int:
@@ -118,6 +137,7 @@ def cmd_image_eval(args) -> int:
     from pyflowmap.images.metrics import ImageEvaluator
     from pyflowmap.images.train import load_run
 
+    _positive(args, "n", "steps")
     run = Path(args.ckpt)
     model, cfg, state = load_run(run, use_ema=not args.no_ema, device=args.device)
     evaluator = ImageEvaluator(cfg.dataset, device=args.device)
@@ -137,12 +157,22 @@ def cmd_image_eval(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    _positive(args, "n", "steps")
     _run_eval(Path(args.ckpt), args.steps, args.samplers, args.n, args.seed, not args.no_ema,
               Path(args.out) if args.out else None)
     return 0
 
 
+def _positive(args, *names) -> None:
+    """Count arguments (``--n``, ``--steps``) must be >= 1; a list must hold only such values."""
+    for name in names:
+        value = getattr(args, name)
+        if any(v < 1 for v in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+
+
 def cmd_sample(args) -> int:
+    _positive(args, "n", "steps")
     model, base, cfg, _ = load_model(Path(args.ckpt), use_ema=not args.no_ema)
     g = torch.Generator().manual_seed(args.seed)
     x = draw(model, base.sample((args.n, 2), generator=g), args.sampler, args.steps)
@@ -167,17 +197,21 @@ def cmd_demo(args) -> int:
         return 2
     out = Path(args.out)
     cfg = _config_from(args, TrainConfig())
-    if (out / CHECKPOINT).exists() and not args.overwrite:
-        trainer = Trainer.resume(out, progress=not args.quiet, **_overrides(args))
-        if trainer.step < trainer.cfg.steps:
-            print(f"continuing {out / CHECKPOINT} from step {trainer.step}")
-    else:
-        trainer = Trainer(cfg, out_dir=out, progress=not args.quiet)
-    print(f"pyflowmap demo: {trainer.cfg.objective.upper()} ({trainer.cfg.derivative} derivatives) on "
-          f"{trainer.cfg.data}, MLP {trainer.cfg.depth}x{trainer.cfg.hidden}, batch {trainer.cfg.batch}, "
-          f"{trainer.cfg.steps} steps, {torch.get_num_threads()} threads")
-    trainer.fit()
-    _run_eval(out, args.eval_steps, SAMPLERS, args.n, args.seed_eval, True)
+    with RunLock(out):
+        if (out / CHECKPOINT).exists() and not args.overwrite:
+            trainer = Trainer.resume(out, progress=not args.quiet, **_overrides(args))
+            if trainer.step < trainer.cfg.steps:
+                print(f"continuing {out / CHECKPOINT} from step {trainer.step}")
+        else:
+            trainer = Trainer(cfg, out_dir=out, progress=not args.quiet)
+        print(f"pyflowmap demo: {trainer.cfg.objective.upper()} ({trainer.cfg.derivative} derivatives) on "
+              f"{trainer.cfg.data}, MLP {trainer.cfg.depth}x{trainer.cfg.hidden}, batch {trainer.cfg.batch}, "
+              f"{trainer.cfg.steps} steps, {torch.get_num_threads()} threads")
+        trainer.fit()
+        trainer.close()
+        if trainer.saved is None:
+            raise NonFiniteTraining("the final checkpoint was NOT written (non-finite parameters); lower --lr")
+        _run_eval(out, args.eval_steps, SAMPLERS, args.n, args.seed_eval, True)
     return 0
 
 
@@ -193,6 +227,7 @@ def _train_parser(sub, name: str, help: str, defaults, func) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyflowmap", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("demo", help="train on the checkerboard, sample with 1/2/4/8 steps, print the table")
@@ -246,7 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--out", default=None, help="output directory (default: the run directory)")
     p.set_defaults(func=cmd_image_eval)
+    for p in sub.choices.values():  # `pyflowmap train --debug ...` works too (SUPPRESS keeps the top-level value)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     return parser
+
+
+# what a user can act on: bad input (exit 2) and failures of the run itself (exit 1); anything
+# else is a bug, reported in one line too, with the traceback behind --debug
+BAD_INPUT = (ValueError, TypeError, FileNotFoundError, ImportError, NotADirectoryError, IsADirectoryError)
+RUN_FAILED = (NonFiniteTraining, OSError)
 
 
 def main(argv=None) -> int:
@@ -257,6 +300,16 @@ def main(argv=None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint written is intact", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        missing = (FileNotFoundError, NotADirectoryError, IsADirectoryError)  # OSErrors that are bad input
+        code = 2 if isinstance(exc, missing) or (isinstance(exc, BAD_INPUT) and not isinstance(exc, RUN_FAILED)) else 1
+        what = "" if isinstance(exc, BAD_INPUT + RUN_FAILED) else f"internal error ({type(exc).__name__}): "
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {what}{msg}" + ("" if code == 2 else " (rerun with --debug for the traceback)"),
+              file=sys.stderr)
+        return code

@@ -31,19 +31,30 @@ class FlowMap(nn.Module):
     def supports_tangents(self) -> bool:
         return bool(getattr(self.net, "supports_tangents", False))
 
+    def _v(self, x, s, t, **kw):
+        """The network's output, which must be one velocity per coordinate of ``x``: a ``[B, 1]``
+        output for ``[B, 2]`` data would broadcast silently in every formula below."""
+        out = self.net(x, s, t, **kw)
+        v = out[0] if isinstance(out, tuple) else out
+        if not isinstance(v, torch.Tensor) or v.shape != x.shape:
+            raise ValueError(f"{type(self.net).__name__} returned "
+                             f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__} for x of shape "
+                             f"{tuple(x.shape)}; a flow-map network returns v_(s,t)(x) shaped like x")
+        return out
+
     def velocity_field(self, x: torch.Tensor, s, t) -> torch.Tensor:
         """v_{s,t}(x)."""
-        return self.net(x, batch_time(s, x), batch_time(t, x))
+        return self._v(x, batch_time(s, x), batch_time(t, x))
 
     def forward(self, x: torch.Tensor, s, t) -> torch.Tensor:
         """X_{s,t}(x) = x + (t - s) v_{s,t}(x)."""
         s, t = batch_time(s, x), batch_time(t, x)
-        return x + expand_time(t - s, x) * self.net(x, s, t)
+        return x + expand_time(t - s, x) * self._v(x, s, t)
 
     def velocity(self, x: torch.Tensor, t) -> torch.Tensor:
         """The diagonal v_{t,t}(x), i.e. the learned probability-flow velocity."""
         t = batch_time(t, x)
-        return self.net(x, t, t)
+        return self._v(x, t, t)
 
     def tangent(self, x, s, t, x_dot=None, s_dot=None, t_dot=None, output: str = "map"):
         """(X, X_dot) (or (v, v_dot) with ``output="velocity"``) from a tangent-carrying net.
@@ -56,7 +67,7 @@ class FlowMap(nn.Module):
                 "True); use derivative='jvp' or 'fd'"
             )
         s, t = batch_time(s, x), batch_time(t, x)
-        v, v_dot = self.net(x, s, t, tangents=(x_dot, s_dot, t_dot))
+        v, v_dot = self._v(x, s, t, tangents=(x_dot, s_dot, t_dot))
         if output == "velocity":
             return v, v_dot
         dt = expand_time(t - s, x)
@@ -82,7 +93,7 @@ class FlowMap(nn.Module):
     def _jump(self, x, s, t):
         """:meth:`jump` without the host-side checks (the samplers' loop, CUDA-graph capture)."""
         s, t = batch_time(s, x), batch_time(t, x)
-        return ops.flowmap_step.dispatch(x, self.net(x, s, t), s, t)
+        return ops.flowmap_step.dispatch(x, self._v(x, s, t), s, t)
 
 
 def as_velocity(model):

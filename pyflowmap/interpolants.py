@@ -14,6 +14,7 @@ import torch
 
 from pyflowmap import _moved
 from pyflowmap._tensors import expand_time
+from pyflowmap.validation import check_count
 
 
 class Interpolant(ABC):
@@ -86,8 +87,14 @@ class GaussianBase:
     """
 
     def __init__(self, std: float | torch.Tensor = 1.0, mean: float | torch.Tensor = 0.0):
-        std_t = torch.as_tensor(std, dtype=torch.float64)
-        if not torch.all(torch.isfinite(std_t)) or torch.any(std_t <= 0):
+        for name, v in (("std", std), ("mean", mean)):
+            if isinstance(v, bool) or not isinstance(v, (int, float, torch.Tensor)) or \
+                    (isinstance(v, torch.Tensor) and (v.numel() == 0 or not v.is_floating_point())):
+                raise TypeError(f"GaussianBase: {name} must be a number or a non-empty floating tensor, got {v!r}")
+            # finite in float32 too: samples are drawn in the data's dtype
+            if not torch.isfinite(torch.as_tensor(v, dtype=torch.float64).float()).all():
+                raise ValueError(f"GaussianBase: {name} must be finite (in float32), got {v}")
+        if torch.any(torch.as_tensor(std, dtype=torch.float64) <= 0):
             raise ValueError(f"GaussianBase: std must be finite and positive, got {std}")
         self.std = std
         self.mean = mean
@@ -100,7 +107,16 @@ class GaussianBase:
         return cls(std=data.double().std(dim=0).clamp_min(1e-6).float())
 
     def sample(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-        z = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        if isinstance(shape, torch.Tensor) or not isinstance(shape, (tuple, list, torch.Size)):
+            raise TypeError(f"GaussianBase.sample: shape must be a tuple of sizes, got {type(shape).__name__}")
+        shape = tuple(check_count("GaussianBase.sample: shape entry", n, minimum=0) for n in shape)
+        for name, v in (("std", self.std), ("mean", self.mean)):
+            try:
+                torch.broadcast_shapes(torch.as_tensor(v).shape, shape)
+            except RuntimeError:
+                raise ValueError(f"GaussianBase: {name} of shape {tuple(torch.as_tensor(v).shape)} does not "
+                                 f"broadcast against samples of shape {shape}") from None
+        z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         std = torch.as_tensor(self.std, dtype=dtype, device=z.device)
         mean = torch.as_tensor(self.mean, dtype=dtype, device=z.device)
         return mean + std * z

@@ -4,6 +4,7 @@ picks one by name."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -12,17 +13,22 @@ from pyflowmap import ops
 from pyflowmap.consistency import EDMConsistency, intermediate_sigmas
 from pyflowmap.cuda_graphs import graph_sampler
 from pyflowmap.flowmap import FlowMap, as_velocity
-from pyflowmap.validation import check_batch, check_ordered, check_time
+from pyflowmap.validation import check_batch, check_count, check_ordered, check_time
 
 
 def time_grid(steps: int, t0: float = 0.0, t1: float = 1.0, device=None, dtype=torch.float32) -> torch.Tensor:
     """Uniform grid t0 = g_0 < g_1 < ... < g_steps = t1 (``steps + 1`` points)."""
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or not math.isfinite(steps) or \
+            int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    check_time("t0", t0)
-    check_time("t1", t1)
+    steps = check_count("steps", steps)
+    for name, v in (("t0", t0), ("t1", t1)):
+        if isinstance(v, torch.Tensor) and v.numel() != 1:
+            raise ValueError(f"{name} must be a single time, got a tensor of shape {tuple(v.shape)}")
+        check_time(name, v)
+    t0, t1 = float(t0), float(t1)
     check_ordered("t0", t0, "t1", t1, strict=True)
-    return torch.linspace(t0, t1, int(steps) + 1, device=device, dtype=dtype)
+    return torch.linspace(t0, t1, steps + 1, device=device, dtype=dtype)
 
 
 def _resolve_grid(steps, grid, x, t0=0.0, t1=1.0) -> torch.Tensor:

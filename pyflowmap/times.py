@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from pyflowmap import _moved
+from pyflowmap.validation import check_count, check_real
 
 
 @dataclass
@@ -30,6 +31,8 @@ class TimeSampler:
     t_max: float = 1.0
 
     def __post_init__(self):
+        for name in ("diag_fraction", "logit_mean", "logit_std", "t_min", "t_max"):
+            check_real(f"TimeSampler: {name}", getattr(self, name))
         if not 0.0 <= self.diag_fraction <= 1.0:
             raise ValueError(f"diag_fraction must be in [0, 1], got {self.diag_fraction}")
         if self.distribution not in ("uniform", "logit_normal"):
@@ -55,6 +58,7 @@ class TimeSampler:
 
     def sample(self, n: int, generator=None, device=None, dtype=torch.float32):
         """Returns ``(s, t, n_diag)`` with ``s``, ``t`` of shape ``[n]``."""
+        n = check_count("TimeSampler.sample: n", n, minimum=0)
         n_diag = self.n_diagonal(n)
         n_off = n - n_diag
         t_diag = self._draw(n_diag, generator, device, dtype)

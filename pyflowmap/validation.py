@@ -27,6 +27,28 @@ def check_batch(name: str, x, role: str = "") -> None:
     check_finite_tensor(f"{name} ({role})" if role else name, x)
 
 
+MAX_COUNT = 10_000_000  # steps or samples beyond this are a typo, not a plan
+
+
+def check_count(name: str, n, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
+    """``n`` is a whole number (an int, or a float with an integer value) in [minimum, maximum]."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or (isinstance(n, float) and not n.is_integer()):
+        raise ValueError(f"{name} must be a whole number, got {n!r}")
+    if not minimum <= n <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum:,}], got {n:g}")
+    return int(n)
+
+
+def check_real(name: str, x, lo: float = -math.inf, hi: float = math.inf, open_lo: bool = False) -> float:
+    """``x`` is a finite real number (not a tensor, not a bool) in [lo, hi] ((lo, hi] with
+    ``open_lo``); returns it as a float."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    if not math.isfinite(x) or x < lo or x > hi or (open_lo and x == lo):
+        raise ValueError(f"{name} must be finite and in {'(' if open_lo else '['}{lo:g}, {hi:g}], got {x:g}")
+    return float(x)
+
+
 def scalar_target(target, op: str):
     """A loss target given as the number 0 means "no target" (None); any other number is refused
     (a constant target is a bug in the caller, not a convention)."""

@@ -50,4 +50,16 @@ template <> PYFLOWMAP_INLINE float st<float>(double v) { return static_cast<floa
 template <> PYFLOWMAP_INLINE double st<double>(double v) { return v; }
 template <> PYFLOWMAP_INLINE uint16_t st<uint16_t>(double v) { return float_to_bf16(static_cast<float>(v)); }
 
+// A double result narrowed to the accumulation type with IEEE overflow: beyond float's range it
+// becomes +-inf (a plain cast out of range is undefined behaviour in C++, and c10's checked
+// scalar conversion throws), so a fused op reports overflow as inf exactly like its twin, and
+// the non-finite step guard sees it.
+template <typename Acc> PYFLOWMAP_INLINE Acc narrow(double v);
+template <> PYFLOWMAP_INLINE double narrow<double>(double v) { return v; }
+template <> PYFLOWMAP_INLINE float narrow<float>(double v) {
+  constexpr double kMax = 3.4028234663852886e38;  // FLT_MAX
+  constexpr float kInf = __builtin_inff();
+  return v > kMax ? kInf : (v < -kMax ? -kInf : static_cast<float>(v));
+}
+
 }  // namespace pyflowmap

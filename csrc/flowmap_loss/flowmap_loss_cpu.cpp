@@ -148,7 +148,7 @@ double forward_cpu(const Residual<T>& res_in, const Acc* weight, Acc* m, int64_t
         for (int64_t r = r0; r < r1; ++r) {
           const double di = d[r - r0];
           const double mi = metric == Metric::kL2Sq ? di : std::sqrt(di + c * c) - c;
-          m[r] = static_cast<Acc>(mi);
+          m[r] = narrow<Acc>(mi);
           acc += (weight ? static_cast<double>(weight[r]) : 1.0) * mi;
         }
       }
@@ -172,7 +172,7 @@ void backward_cpu(const Residual<T>& res_in, const Acc* weight, const Acc* m, do
     // subgradient 0 at the kink d = 0 of the plain L2 norm (c = 0).
     const double denom = static_cast<double>(m[i]) + c;
     const double mprime = metric == Metric::kL2Sq ? 1.0 : (denom > 0 ? 0.5 / denom : 0.0);
-    coef[i] = static_cast<Acc>(2.0 * outer * mprime);
+    coef[i] = narrow<Acc>(2.0 * outer * mprime);
   }
   const auto res = raw(res_in);
   using R = typename Raw<T>::R;

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pyflowmap.consistency import EDMConsistency
 from pyflowmap.flowmap import FlowMap
+from pyflowmap.images.data import DATASETS
 from pyflowmap.nn.unet import UNetFlowMap
 from pyflowmap.objectives import CONSISTENCY, DISTILLATION, OBJECTIVES
 from pyflowmap.training.config import LoopConfig
@@ -29,6 +30,7 @@ class ImageConfig(LoopConfig):
     """
 
     dataset: str = "mnist5k"
+    image_size: int = 0  # > 0: resize an image folder's files to image_size x image_size
     teacher: str = ""
     init: str = ""
     semigradient: bool = False  # lmd / emd: stop the gradient at the teacher's input
@@ -53,6 +55,8 @@ class ImageConfig(LoopConfig):
         for name in ("teacher", "init"):
             if getattr(self, name):
                 setattr(self, name, str(Path(getattr(self, name)).resolve()))
+        if isinstance(self.dataset, str) and self.dataset not in DATASETS:  # a folder or tensor file
+            self.dataset = str(Path(self.dataset).resolve())
         super().__post_init__()
 
     def validate_fields(self) -> None:
@@ -62,12 +66,15 @@ class ImageConfig(LoopConfig):
         need((self.objective in DISTILLATION) == bool(self.teacher),
              f"{self.objective!r} " + ("needs teacher= (an fm run directory)" if self.objective in DISTILLATION
                                        else "takes no teacher"))
+        for name, most in (("ch", 4096), ("emb_dim", 65536), ("image_size", 4096)):
+            need(getattr(self, name) <= most, f"{name} must be <= {most}, got {getattr(self, name)}")
         for name in ("ch", "emb_dim"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.emb_dim % 2 == 0, f"emb_dim must be even, got {self.emb_dim}")
         need(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         need(self.ect_stage >= 0, f"ect_stage must be >= 0, got {self.ect_stage}")
         need(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
+        need(self.image_size >= 0, f"image_size must be >= 0 (0: as stored), got {self.image_size}")
         need(not self.semigradient or self.objective in ("lmd", "emd"),
              f"semigradient applies to lmd and emd only, not {self.objective!r}")
         # central differences call the network three times: three different dropout masks

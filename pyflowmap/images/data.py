@@ -53,11 +53,15 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return _scaled(d.images, 16.0, (-1, 1, 8, 8)), torch.from_numpy(d.target.astype(np.int64))
 
 
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
 def load_image_folder(path: str | Path, size: int | tuple[int, int] | None = None,
-                      grayscale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      grayscale: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every PNG/JPEG/BMP under ``path`` (sorted; sub-folder names become labels 0..K-1 when the
     files sit in sub-folders, else labels are -1), resized to ``size`` (all files must share a
-    size when None)."""
+    size when None). ``grayscale``: one channel (True), RGB (False), or one channel exactly
+    when every file is greyscale (None). 8-bit files are scaled by 255, 16-bit ones by 65535."""
     try:
         from PIL import Image
     except ImportError as e:
@@ -70,18 +74,38 @@ def load_image_folder(path: str | Path, size: int | tuple[int, int] | None = Non
         raise ValueError(f"load_image_folder: no PNG/JPEG/BMP files under {root}")
     classes = sorted({p.parent for p in files} - {root})
     label_of = {c: i for i, c in enumerate(classes)}
-    images, labels = [], []
+    opened = []
     for p in files:
-        img = Image.open(p).convert("L" if grayscale else "RGB")
+        try:
+            img = Image.open(p)
+            img.load()  # decode now: a truncated or corrupt file fails here, named
+        except Exception as e:
+            raise ValueError(f"load_image_folder: {p} is not a readable image ({type(e).__name__}: {e})") from None
+        opened.append(img)
+    grey = all(img.mode in _GREY_MODES for img in opened) if grayscale is None else grayscale
+    images, labels = [], []
+    for p, img in zip(files, opened):
+        wide = img.mode.startswith("I;16") or img.mode == "I"
+        if wide:  # 16-bit: keep the full range (a convert("L") would clip it to 255)
+            arr = np.asarray(img, dtype=np.float32) / 65535.0
+            if not grey:
+                arr = np.repeat(arr[..., None], 3, axis=2)
+        else:
+            arr = np.asarray(img.convert("L" if grey else "RGB"), dtype=np.float32) / 255.0
         if size is not None:
-            img = img.resize((size, size) if isinstance(size, int) else (size[1], size[0]), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.float32)
-        images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+            hw = (size, size) if isinstance(size, int) else tuple(size)
+            t = torch.from_numpy(np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)))
+            arr = torch.nn.functional.interpolate(t[None], size=hw, mode="bilinear", align_corners=False,
+                                                  antialias=True)[0].numpy()
+        else:
+            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        images.append(arr)
         labels.append(label_of.get(p.parent, -1))
     shapes = {a.shape for a in images}
     if len(shapes) > 1:
-        raise ValueError(f"load_image_folder: images differ in size {sorted(shapes)}; pass size=")
-    return _scaled(np.stack(images), 255.0, (len(images), *images[0].shape)), torch.tensor(labels)
+        raise ValueError(f"load_image_folder: images differ in size {sorted(shapes)}; resize them with "
+                         "size= (the CLI's --image-size)")
+    return _scaled(np.stack(images), 1.0, (len(images), *images[0].shape)), torch.tensor(labels)
 
 
 def load_tensor_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,20 +120,24 @@ def load_tensor_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError("load_tensor_file: images must be finite and scaled to [-1, 1]")
     if labels is None:
         labels = torch.full((images.shape[0],), -1, dtype=torch.long)
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"load_tensor_file: labels must be [N={images.shape[0]}], got {tuple(labels.shape)}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != (images.shape[0],):
+        raise ValueError(f"load_tensor_file: labels must be a tensor [N={images.shape[0]}], got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+        raise ValueError(f"load_tensor_file: {path} has non-integer labels; labels are class indices")
     return images.float().contiguous(), labels.long()
 
 
-def load_dataset(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mnist5k`` | ``digits`` | a folder path | a ``.pt`` tensor file."""
+def load_dataset(name: str, size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mnist5k`` | ``digits`` | a folder path | a ``.pt`` tensor file; ``size`` (> 0) resizes a
+    folder's images to ``size`` x ``size``."""
     if name == "mnist5k":
         return load_mnist5k()
     if name == "digits":
         return load_digits()
     p = Path(name)
     if p.is_dir():
-        return load_image_folder(p)
+        return load_image_folder(p, size=size or None)
     if p.is_file():
         return load_tensor_file(p)
     raise ValueError(f"unknown image dataset {name!r}: use {DATASETS}, an image folder or a tensor file")

@@ -17,6 +17,7 @@ from pyflowmap.interpolants import GaussianBase
 from pyflowmap.objectives import DISTILLATION, make_objective
 from pyflowmap.times import TimeSampler
 from pyflowmap.training import CHECKPOINT, TrainerBase, load_checkpoint
+from pyflowmap.training.checkpoint import digest
 
 
 def load_run(run_dir: str | Path, use_ema: bool = True, device="cpu"):
@@ -54,7 +55,9 @@ class ImageTrainer(TrainerBase):
         super().__init__(cfg, out_dir, progress)
 
     def prepare(self) -> None:
-        images = load_dataset(self.cfg.dataset)[0] if self._data is None else self._data
+        images = load_dataset(self.cfg.dataset, self.cfg.image_size)[0] if self._data is None else self._data
+        self.data_digest = digest(images)
+        self.teacher_digest = None
         self.batches = Batches(images, self.device)
         self.channels, self.size = images.shape[1], tuple(images.shape[2:])
         self.base = GaussianBase(1.0)
@@ -80,6 +83,7 @@ class ImageTrainer(TrainerBase):
                       derivative=make_mode(cfg.derivative, self.model, fd_dtype=torch.float64))
         if cfg.objective in DISTILLATION:
             teacher, tcfg, _ = load_run(cfg.teacher, device=self.device)
+            self.teacher_digest = digest(teacher.state_dict())
             if tcfg.objective != "fm" or tcfg.dataset != cfg.dataset:
                 raise ValueError(f"teacher run {cfg.teacher} must be an fm run on {cfg.dataset!r}, "
                                  f"got {tcfg.objective!r} on {tcfg.dataset!r}")
@@ -102,12 +106,22 @@ class ImageTrainer(TrainerBase):
         return min(self.cfg.ema, (1 + self.step) / (10 + self.step))
 
     def extra_state(self) -> dict:
-        return {"channels": self.channels, "size": list(self.size)}
+        # fingerprints of what the run was built from: a resume or an eval refuses other data
+        # of the same shape, or a teacher run overwritten since
+        return {"channels": self.channels, "size": list(self.size), "data_sha256": self.data_digest,
+                "teacher_sha256": self.teacher_digest}
 
     def load_extra_state(self, state: dict) -> None:
         if (state["channels"], list(state["size"])) != (self.channels, list(self.size)):
             raise ValueError(f"the checkpoint was trained on {state['channels']} x {state['size']} images, "
                              f"this data is {self.channels} x {list(self.size)}")
+        where = self.cfg.dataset if self._data is None else "the data tensor passed in"
+        if state.get("data_sha256") not in (None, self.data_digest):
+            raise ValueError(f"{where} has changed since this run started (its content fingerprint differs); "
+                             "resume with the same images, or start a new run")
+        if state.get("teacher_sha256") not in (None, self.teacher_digest):
+            raise ValueError(f"the teacher run {self.cfg.teacher} has changed since this run started (its EMA "
+                             "weights' fingerprint differs); restore it, or start a new distillation run")
 
     @classmethod
     def resume(cls, out_dir, progress: bool = True, data: torch.Tensor | None = None, **overrides):

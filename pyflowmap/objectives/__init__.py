@@ -28,6 +28,8 @@ def make_objective(name: str, teacher=None, **kwargs) -> ObjectiveBase:
     """Build an objective by name: fm, lsd, esd, psd-u, psd-m, meanflow (no teacher), lmd, emd,
     pfmm (``teacher`` required), ect or ect-pretrain (for an EDMConsistency model). Other
     keyword arguments go to the objective's constructor."""
+    if not isinstance(name, str):
+        raise TypeError(f"objective name must be a string, one of {', '.join(OBJECTIVES)}; got {name!r}")
     key = name.lower().replace("_", "-")
     if key in CONSISTENCY:
         if teacher is not None:

@@ -53,8 +53,8 @@ class TrainConfig(LoopConfig):
         need(self.base in ("adaptive", "fixed"), f"base must be adaptive|fixed, got {self.base!r}")
         need(self.base_std > 0, f"base_std must be positive, got {self.base_std}")
         need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}")
-        for name in ("hidden", "depth"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, most in (("hidden", 65536), ("depth", 1000), ("emb_dim", 65536)):
+            need(1 <= getattr(self, name) <= most, f"{name} must be in [1, {most}], got {getattr(self, name)}")
         need(self.emb_dim >= 2 and self.emb_dim % 2 == 0, f"emb_dim must be even and >= 2, got {self.emb_dim}")
         need(self.lr_decay_after >= 0, f"lr_decay_after must be >= 0, got {self.lr_decay_after}")
 

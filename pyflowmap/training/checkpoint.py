@@ -1,12 +1,23 @@
-"""Atomic checkpoints: a crash mid-write never leaves a truncated or half-new file behind."""
+"""Atomic checkpoints: a crash mid-write never leaves a truncated or half-new file behind, and
+a file corrupted after it was written is refused on load (a digest of every tensor and value is
+stored in it). Loading never executes pickled code (``weights_only=True``)."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+DIGEST = "sha256"  # the key of the digest in a checkpoint's state
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as written: truncated, corrupt or not a checkpoint."""
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
@@ -21,9 +32,14 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, Exception) and _disk_full(e, path.parent):
+            # torch's zip writer reports a full disk as "unexpected pos ..."
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {path} "
+                                        f"({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free); "
+                                        "the previous file is kept") from e
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -33,19 +49,75 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def _disk_full(e: BaseException, directory: Path) -> bool:
+    chain = [e]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in chain):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < 2**20
+    except OSError:
+        return False
+
+
+def digest(state) -> str:
+    """sha256 over every tensor (dtype, shape, bytes) and plain value of a nested state, in a
+    fixed order: what :func:`load_checkpoint` compares against the stored digest."""
+    h = hashlib.sha256()
+
+    def visit(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                visit(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                visit(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+
+    visit(state)
+    return h.hexdigest()
+
+
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """``torch.save(state)`` to ``path`` atomically."""
-    return atomic_write(path, lambda f: torch.save(state, f))
+    """``torch.save(state)`` to ``path`` atomically, with the digest of its contents."""
+    return atomic_write(path, lambda f: torch.save({**state, DIGEST: digest(state)}, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only)."""
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only),
+    verified against its digest. Raises :class:`CheckpointError` naming the file when it is
+    truncated, corrupt, or not a checkpoint."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if not path.is_file():  # a FIFO or device would block or stream forever
+        raise CheckpointError(f"{path} is not a regular file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch's own message suggests weights_only=False: never do that here
+        raise CheckpointError(f"{path} is not a readable pyflowmap checkpoint (truncated or corrupt: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a pyflowmap checkpoint")
+    stored = state.pop(DIGEST, None)
+    # checkpoints written before digests existed load unverified
+    if stored is not None and stored != digest(state):
+        raise CheckpointError(f"{path} is corrupt: its contents do not match the digest written with them "
+                              "(a damaged disk or copy); resume from another copy or start over")
+    return state
 
 
 def save_weights(state_dict: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:

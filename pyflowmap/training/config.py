@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
+import torch
+
 DERIVATIVES = ("auto", "jvp", "fd", "dual")
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
 
 
 @dataclass
@@ -36,11 +40,24 @@ class LoopConfig:
 
     def validate(self) -> None:
         need = self._need
+        for f in fields(self):  # a config.json edited by hand, or a value from Python
+            value, want = getattr(self, f.name), _TYPES.get(f.type)
+            if want is not None:
+                ok = isinstance(value, want) and (f.type == "bool" or not isinstance(value, bool))
+                need(ok, f"{f.name} must be {f.type}, got {type(value).__name__} {value!r}")
+                if f.type == "float":
+                    need(math.isfinite(value), f"{f.name} must be finite, got {value}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            need(False, f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         self.validate_fields()
         need(self.derivative in DERIVATIVES, f"derivative must be auto|jvp|fd|dual, got {self.derivative!r}")
         need(0 <= self.diag_fraction <= 1, f"diag_fraction must be in [0, 1], got {self.diag_fraction}")
         for name in ("steps", "batch", "ckpt_every", "log_every", "max_bad_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, most in (("steps", 10**9), ("batch", 10**8)):  # beyond: a typo, not a run
+            need(getattr(self, name) <= most, f"{name} must be <= {most:,}, got {getattr(self, name):,}")
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(self.grad_clip > 0, f"grad_clip must be positive, got {self.grad_clip}")
         need(0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}")
@@ -57,6 +74,8 @@ class LoopConfig:
 
     @classmethod
     def from_dict(cls, d: dict):
+        if not isinstance(d, dict):
+            raise ValueError(f"{cls.__name__}: a config must be a dict of fields, got {type(d).__name__}")
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")

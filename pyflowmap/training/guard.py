@@ -22,14 +22,17 @@ class NonFiniteGuard:
     def passed(self) -> None:
         self.bad_steps = 0
 
-    def skip(self, step: int, what: str, report: bool = True) -> None:
+    def skip(self, step: int, what: str, report: bool = True, checkpoint=None) -> None:
         """Count a skipped ``step`` whose ``what`` ("loss", "gradient norm") was not finite;
-        ``report``: warn (one rank warns for all)."""
+        ``report``: warn (one rank warns for all); ``checkpoint``: the last good checkpoint on
+        disk, if any, named when training stops."""
         self.bad_steps += 1
         self.skipped += 1
         if report:
             warnings.warn(f"step {step}: non-finite {what}, step skipped ({self.skipped} skipped so far, "
                           f"{self.bad_steps} in a row; training stops at {self.max_bad_steps})", stacklevel=3)
         if self.bad_steps >= self.max_bad_steps:
-            raise NonFiniteTraining(f"{self.bad_steps} consecutive non-finite steps at step {step}; last good "
-                                    "checkpoint left untouched")
+            kept = (f"the last good checkpoint {checkpoint} is left untouched" if checkpoint is not None
+                    else "no checkpoint was written")
+            raise NonFiniteTraining(f"{self.bad_steps} consecutive non-finite steps at step {step}; {kept}. Lower the "
+                                    "learning rate or check the data for NaN / huge values")

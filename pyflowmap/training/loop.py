@@ -4,10 +4,12 @@ step guard, atomic checkpoints and exact resume."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from pyflowmap import distributed as dist_
 from pyflowmap.training.checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_weights
 from pyflowmap.training.guard import NonFiniteGuard
 from pyflowmap.training.parallel import Parallel
+from pyflowmap.training.rundir import RunLock, check_free_space
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "weights.safetensors"
@@ -63,9 +66,16 @@ class TrainerBase:
     def __init__(self, cfg, out_dir: str | Path | None = None, progress: bool = True):
         cfg.validate()
         self.cfg = cfg
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        # the run directory is this run's alone for its whole life (rank 0 writes for all),
+        # checked writable now rather than at the first save
+        self._lock = RunLock(out_dir).acquire() if out_dir is not None and dist_.is_main() else None
+        if self._lock is not None:
+            weakref.finalize(self, self._lock.release)
         self.device = dist_.local_device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"{type(cfg).__name__}.device is cuda but no CUDA device is available")
+            raise ValueError(f"{type(cfg).__name__}.device is {cfg.device} but no CUDA device is available; "
+                             "pass --device cpu")
         self.prepare()
         torch.manual_seed(cfg.seed)  # parameter initialization
         self.model = self.build_model().to(self.device)
@@ -81,12 +91,29 @@ class TrainerBase:
         # a plain lambda: LambdaLR then keeps the schedule out of the checkpoint (it is config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda n: self.lr_factor(n))
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if self._lock is not None:
+            check_free_space(self.out_dir, self._checkpoint_bytes())
+        self.saved: Path | None = None  # the checkpoint the last save() wrote (None: refused or never)
         self.progress = progress and dist_.is_main()
         self.step = 0
         self.guard = NonFiniteGuard(cfg.max_bad_steps)
         self.train_seconds = 0.0
         self.history: list[dict] = []
+
+    def close(self) -> None:
+        """Release the run directory (also on garbage collection and at process exit)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _checkpoint_bytes(self) -> int:
+        """About what one checkpoint takes: model, EMA and optimizer state (two moments), twice
+        (the new file is written beside the old one), plus room for the small files."""
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return 2 * 4 * params + 2**20
+
+    def _last_checkpoint(self) -> Path | None:
+        path = None if self.out_dir is None else self.out_dir / CHECKPOINT
+        return path if path is not None and path.is_file() else None
 
     # -- hooks --------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -155,7 +182,7 @@ class TrainerBase:
             self.optimizer.zero_grad(set_to_none=True)
             self.parallel.reshard()  # backward, which frees FSDP2's gathered weights, did not run
             what = "gradient norm" if loss_ok else "loss" if self.shard is None else "loss (on some rank)"
-            self.guard.skip(self.step, what, report=dist_.is_main())
+            self.guard.skip(self.step, what, report=dist_.is_main(), checkpoint=self._last_checkpoint())
             self.step += 1
             self.scheduler.step()
             return None
@@ -252,7 +279,10 @@ class TrainerBase:
         if self.out_dir is None:
             raise ValueError("Trainer has no out_dir to save to")
         if not self.parallel.finite(self.model, self.ema):  # decided over all ranks
-            warnings.warn("non-finite parameters: checkpoint NOT written, the previous one is kept")
+            kept = self._last_checkpoint()
+            warnings.warn("non-finite parameters: checkpoint NOT written; "
+                          + (f"the previous one, {kept}, is kept" if kept else "there is no earlier one"))
+            self.saved = None
             return None
         state = self.state_dict()  # on every rank: it gathers the ranks' RNG states
         path, error = None, None
@@ -266,6 +296,7 @@ class TrainerBase:
             if error is not None:
                 raise error
             raise RuntimeError(f"rank 0 failed to write the checkpoint in {self.out_dir}")
+        self.saved = self.out_dir / CHECKPOINT
         return path
 
     def _write(self, state: dict) -> Path:
@@ -288,6 +319,14 @@ class TrainerBase:
 
     @classmethod
     def _resume(cls, out_dir, progress: bool, init_kwargs: dict, overrides: dict):
+        if not (Path(out_dir) / CHECKPOINT).exists():
+            raise FileNotFoundError(f"no checkpoint at {Path(out_dir) / CHECKPOINT} to resume")
+        # read under the directory's lock: no other writer may replace it between load and run
+        with RunLock(out_dir) if dist_.is_main() else contextlib.nullcontext():
+            return cls._resume_locked(out_dir, progress, init_kwargs, overrides)
+
+    @classmethod
+    def _resume_locked(cls, out_dir, progress: bool, init_kwargs: dict, overrides: dict):
         state = load_checkpoint(Path(out_dir) / CHECKPOINT)
         allowed = set(cls.resume_overrides)
         # restating a stored value is harmless (a command line repeated with --resume)
