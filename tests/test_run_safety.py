@@ -346,3 +346,18 @@ def test_killed_run_resumes_after_its_lock_is_released_by_the_os(tmp_path):
         p.kill()
     r = cli("train", "--out", str(out), "--resume", "--steps", str(load_checkpoint(out)["step"] + 2), "--quiet")
     assert r.returncode == 0, r.stderr
+
+
+def test_an_unwritable_run_directory_fails_at_start_up(tmp_path, monkeypatch):
+    """The subprocess variant above is skipped as root (root writes anywhere): here the write
+    probe itself is refused, as a read-only mount or directory refuses it."""
+    real = Path.write_bytes
+
+    def refuse(self, data):
+        if self.name.startswith(".write-test"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+    with pytest.raises(ValueError, match="is not writable"):
+        Trainer(TrainConfig(steps=1, **TINY), out_dir=tmp_path / "ro", progress=False)
