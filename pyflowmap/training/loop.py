@@ -76,6 +76,9 @@ class TrainerBase:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"{type(cfg).__name__}.device is {cfg.device} but no CUDA device is available; "
                              "pass --device cpu")
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"{type(cfg).__name__}.device is {cfg.device} but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
         self.prepare()
         torch.manual_seed(cfg.seed)  # parameter initialization
         self.model = self.build_model().to(self.device)
