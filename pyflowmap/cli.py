@@ -109,16 +109,19 @@ def _train(args, trainer_cls, defaults) -> int:
     if distributed.is_main():
         world = 1 if trainer.shard is None else trainer.shard.world
         print(f"trained {trainer.step} steps ({trainer.skipped} skipped) in {trainer.train_seconds:.1f} s"
-              + (f" on {world} processes" if world > 1 else ""), end="")
-        if trainer.saved is None:
-            kept = out / CHECKPOINT
-            print("\nerror: the final checkpoint was NOT written (non-finite parameters); "
-                  + (f"{kept} holds the last good state" if kept.is_file() else "no checkpoint exists"),
-                  file=sys.stderr)
-        else:
-            print(f"; checkpoint {trainer.saved}")
+              + (f" on {world} processes" if world > 1 else "")
+              + (f"; checkpoint {trainer.saved}" if trainer.saved is not None else ""))
     distributed.shutdown()
-    return 0 if trainer.saved is not None else 1
+    _require_final_save(trainer)
+    return 0
+
+
+def _require_final_save(trainer) -> None:
+    """A run whose final save was refused fails the command (exit 1), naming what is on disk."""
+    if trainer.saved is None:
+        kept = trainer.last_checkpoint()
+        raise NonFiniteTraining("the final checkpoint was NOT written (non-finite parameters); "
+                                + (f"{kept} holds the last good state" if kept else "no checkpoint exists"))
 
 
 def cmd_train(args) -> int:
@@ -209,8 +212,7 @@ def cmd_demo(args) -> int:
               f"{trainer.cfg.steps} steps, {torch.get_num_threads()} threads")
         trainer.fit()
         trainer.close()
-        if trainer.saved is None:
-            raise NonFiniteTraining("the final checkpoint was NOT written (non-finite parameters); lower --lr")
+        _require_final_save(trainer)
         _run_eval(out, args.eval_steps, SAMPLERS, args.n, args.seed_eval, True)
     return 0
 
@@ -288,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # what a user can act on: bad input (exit 2) and failures of the run itself (exit 1); anything
 # else is a bug, reported in one line too, with the traceback behind --debug
-BAD_INPUT = (ValueError, TypeError, FileNotFoundError, ImportError, NotADirectoryError, IsADirectoryError)
-RUN_FAILED = (NonFiniteTraining, OSError)
+BAD_INPUT = (ValueError, TypeError, ImportError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+RUN_FAILED = (NonFiniteTraining, OSError)  # OSErrors other than the missing-path ones above: a full disk, ...
 
 
 def main(argv=None) -> int:
@@ -306,8 +308,7 @@ def main(argv=None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        missing = (FileNotFoundError, NotADirectoryError, IsADirectoryError)  # OSErrors that are bad input
-        code = 2 if isinstance(exc, missing) or (isinstance(exc, BAD_INPUT) and not isinstance(exc, RUN_FAILED)) else 1
+        code = 2 if isinstance(exc, BAD_INPUT) else 1
         what = "" if isinstance(exc, BAD_INPUT + RUN_FAILED) else f"internal error ({type(exc).__name__}): "
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"error: {what}{msg}" + ("" if code == 2 else " (rerun with --debug for the traceback)"),

@@ -14,7 +14,6 @@ import torch
 
 from pyflowmap import _moved
 from pyflowmap._tensors import expand_time
-from pyflowmap.validation import check_count
 
 
 class Interpolant(ABC):
@@ -109,17 +108,15 @@ class GaussianBase:
     def sample(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
         if isinstance(shape, torch.Tensor) or not isinstance(shape, (tuple, list, torch.Size)):
             raise TypeError(f"GaussianBase.sample: shape must be a tuple of sizes, got {type(shape).__name__}")
-        shape = tuple(check_count("GaussianBase.sample: shape entry", n, minimum=0) for n in shape)
-        for name, v in (("std", self.std), ("mean", self.mean)):
-            try:
-                torch.broadcast_shapes(torch.as_tensor(v).shape, shape)
-            except RuntimeError:
-                raise ValueError(f"GaussianBase: {name} of shape {tuple(torch.as_tensor(v).shape)} does not "
-                                 f"broadcast against samples of shape {shape}") from None
-        z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        std = torch.as_tensor(self.std, dtype=dtype, device=z.device)
-        mean = torch.as_tensor(self.mean, dtype=dtype, device=z.device)
-        return mean + std * z
+        try:  # checked by torch on the way, not before: this runs every training step
+            z = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+            std = torch.as_tensor(self.std, dtype=dtype, device=z.device)
+            mean = torch.as_tensor(self.mean, dtype=dtype, device=z.device)
+            return mean + std * z
+        except RuntimeError as e:  # a negative size, or std / mean that do not broadcast against it
+            raise ValueError(f"GaussianBase.sample: no samples of shape {tuple(shape)} with std of shape "
+                             f"{tuple(torch.as_tensor(self.std).shape)} and mean of shape "
+                             f"{tuple(torch.as_tensor(self.mean).shape)}: {str(e).splitlines()[0]}") from None
 
     def state_dict(self) -> dict:
         return {"std": self.std, "mean": self.mean}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from pyflowmap import _moved
-from pyflowmap.validation import check_count, check_real
+from pyflowmap.validation import MAX_BATCH, check_count, check_real
 
 
 @dataclass
@@ -58,7 +58,7 @@ class TimeSampler:
 
     def sample(self, n: int, generator=None, device=None, dtype=torch.float32):
         """Returns ``(s, t, n_diag)`` with ``s``, ``t`` of shape ``[n]``."""
-        n = check_count("TimeSampler.sample: n", n, minimum=0)
+        n = check_count("TimeSampler.sample: n", n, minimum=0, maximum=MAX_BATCH)
         n_diag = self.n_diagonal(n)
         n_off = n - n_diag
         t_diag = self._draw(n_diag, generator, device, dtype)

@@ -27,15 +27,18 @@ def check_batch(name: str, x, role: str = "") -> None:
     check_finite_tensor(f"{name} ({role})" if role else name, x)
 
 
-MAX_COUNT = 10_000_000  # steps or samples beyond this are a typo, not a plan
+MAX_COUNT = 10_000_000  # sampler steps beyond this are a typo, not a plan
+MAX_BATCH = 10**8  # a batch beyond this is a typo (the run configs refuse it too)
 
 
 def check_count(name: str, n, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
     """``n`` is a whole number (an int, or a float with an integer value) in [minimum, maximum]."""
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or (isinstance(n, float) and not n.is_integer()):
-        raise ValueError(f"{name} must be a whole number, got {n!r}")
-    if not minimum <= n <= maximum:
-        raise ValueError(f"{name} must be in [{minimum}, {maximum:,}], got {n:g}")
+    whole = not isinstance(n, bool) and isinstance(n, (int, float)) and (not isinstance(n, float) or n.is_integer())
+    if not whole or n < minimum:
+        kind = "positive integer" if minimum == 1 else f"integer >= {minimum}"
+        raise ValueError(f"{name} must be a {kind}, got {n!r}")
+    if n > maximum:
+        raise ValueError(f"{name} must be at most {maximum:,}, got {n:,}")
     return int(n)
 
 

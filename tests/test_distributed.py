@@ -11,18 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pyflowmap.distributed import Shard
-from tests.ddp_jobs import (
-    JOBS_2D,
-    JOBS_FSDP,
-    JOBS_HANDOFF,
-    JOBS_IMAGE,
-    JOBS_RESUME,
-    TINY_IMAGE,
-    free_port,
-    job_name,
-    run_jobs,
-    worker,
-)
+from tests.ddp_jobs import JOBS_2D, JOBS_FSDP, JOBS_HANDOFF, JOBS_IMAGE, JOBS_RESUME, TINY_IMAGE, free_port, job_name, run_jobs, worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # float32 all-reduce sums the ranks' gradients in another order than one process's backward:

@@ -7,20 +7,8 @@ stacked ``[x; x_dot]``; models built from them return ``(v, v_dot)`` when given 
 from pyflowmap.nn.attention import Attention
 from pyflowmap.nn.embeddings import SinusoidalEmbedding
 from pyflowmap.nn.functional import reference_ops
-from pyflowmap.nn.layers import (
-                                 GELU,
-                                 Activation,
-                                 Conv2d,
-                                 DualModule,
-                                 GroupNorm,
-                                 LayerNorm,
-                                 Linear,
-                                 RMSNorm,
-                                 Sequential,
-                                 SiLU,
-                                 modulate,
-                                 stack,
-)
+from pyflowmap.nn.layers import (GELU, Activation, Conv2d, DualModule, GroupNorm, LayerNorm, Linear, RMSNorm,
+                                 Sequential, SiLU, modulate, stack)
 from pyflowmap.nn.mlp import FlowMapMLP
 from pyflowmap.nn.unet import AttnBlock, ResBlock, UNetFlowMap
 

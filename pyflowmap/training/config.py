@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from pyflowmap.validation import MAX_BATCH
+
 DERIVATIVES = ("auto", "jvp", "fd", "dual")
 _TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
 
@@ -56,7 +58,7 @@ class LoopConfig:
         need(0 <= self.diag_fraction <= 1, f"diag_fraction must be in [0, 1], got {self.diag_fraction}")
         for name in ("steps", "batch", "ckpt_every", "log_every", "max_bad_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name, most in (("steps", 10**9), ("batch", 10**8)):  # beyond: a typo, not a run
+        for name, most in (("steps", 10**9), ("batch", MAX_BATCH)):  # beyond: a typo, not a run
             need(getattr(self, name) <= most, f"{name} must be <= {most:,}, got {getattr(self, name):,}")
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(self.grad_clip > 0, f"grad_clip must be positive, got {self.grad_clip}")

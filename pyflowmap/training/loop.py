@@ -73,12 +73,11 @@ class TrainerBase:
         if self._lock is not None:
             weakref.finalize(self, self._lock.release)
         self.device = dist_.local_device(cfg.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"{type(cfg).__name__}.device is {cfg.device} but no CUDA device is available; "
-                             "pass --device cpu")
-        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"{type(cfg).__name__}.device is {cfg.device} but this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
+        gpus = torch.cuda.device_count() if self.device.type == "cuda" else 0
+        if self.device.type == "cuda" and (self.device.index or 0) >= gpus:
+            raise ValueError(f"{type(cfg).__name__}.device is {cfg.device} but "
+                             + (f"this machine has {gpus} CUDA device(s)" if gpus else
+                                "no CUDA device is available; pass --device cpu"))
         self.prepare()
         torch.manual_seed(cfg.seed)  # parameter initialization
         self.model = self.build_model().to(self.device)
@@ -114,7 +113,8 @@ class TrainerBase:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return 2 * 4 * params + 2**20
 
-    def _last_checkpoint(self) -> Path | None:
+    def last_checkpoint(self) -> Path | None:
+        """The checkpoint on disk in ``out_dir``, if there is one."""
         path = None if self.out_dir is None else self.out_dir / CHECKPOINT
         return path if path is not None and path.is_file() else None
 
@@ -185,7 +185,7 @@ class TrainerBase:
             self.optimizer.zero_grad(set_to_none=True)
             self.parallel.reshard()  # backward, which frees FSDP2's gathered weights, did not run
             what = "gradient norm" if loss_ok else "loss" if self.shard is None else "loss (on some rank)"
-            self.guard.skip(self.step, what, report=dist_.is_main(), checkpoint=self._last_checkpoint())
+            self.guard.skip(self.step, what, report=dist_.is_main(), checkpoint=self.last_checkpoint())
             self.step += 1
             self.scheduler.step()
             return None
@@ -282,7 +282,7 @@ class TrainerBase:
         if self.out_dir is None:
             raise ValueError("Trainer has no out_dir to save to")
         if not self.parallel.finite(self.model, self.ema):  # decided over all ranks
-            kept = self._last_checkpoint()
+            kept = self.last_checkpoint()
             warnings.warn("non-finite parameters: checkpoint NOT written; "
                           + (f"the previous one, {kept}, is kept" if kept else "there is no earlier one"))
             self.saved = None

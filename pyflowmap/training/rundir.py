@@ -33,9 +33,9 @@ class RunLock:
         self.key = None
 
     def acquire(self) -> "RunLock":
-        key = str(prepare_run_dir(self.directory))
         if self.key is not None:
             return self
+        key = str(prepare_run_dir(self.directory))
         if key in RunLock._held:
             RunLock._held[key][1] += 1
             self.key = key
