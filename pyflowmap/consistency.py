@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pyflowmap import conditioning as cond_
 from pyflowmap._tensors import batch_time, expand_time
 
 
@@ -64,12 +65,24 @@ class EDMConsistency(nn.Module):
         self.net = net
         self.path = path if path is not None else EDMSigmaPath(sigma_data=0.5, sigma_min=0.002, sigma_max=80.0)
 
-    def forward(self, x: torch.Tensor, sigma, boundary: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, boundary: bool = False, c=None, w=None,
+                guidance: float | None = None) -> torch.Tensor:
+        """f(x, sigma | c); ``w``: the guidance input of a net that takes one; ``guidance``:
+        classifier-free guidance of the output, f_null + guidance (f_c - f_null), from one call
+        on the doubled batch."""
         sigma = batch_time(sigma, x)
         if not bool((sigma > 0).all()):
             raise ValueError("EDMConsistency: sigma must be positive (c_noise = log(sigma) / 4)")
+        if guidance is not None:
+            if c is None:
+                raise ValueError("guidance needs a condition c to guide towards")
+            w = None if w is None else batch_time(w, x)
+            cc, xx, ss, ww = cond_.doubled(c, cond_.null_condition(self.net, c), x, sigma, w)
+            f_c, f_null = self(xx, ss, boundary=boundary, c=cc, w=ww).chunk(2)
+            return cond_.combine(f_c, f_null, guidance)
         c_skip, c_out, c_in, c_noise = self.path.precondition(sigma, boundary=boundary)
-        out = self.net(expand_time(c_in, x) * x, c_noise, c_noise)
+        kw = {k: v for k, v in (("c", c), ("w", None if w is None else batch_time(w, x))) if v is not None}
+        out = self.net(expand_time(c_in, x) * x, c_noise, c_noise, **kw)
         return expand_time(c_skip, x) * x + expand_time(c_out, x) * out
 
 

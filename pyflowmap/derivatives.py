@@ -5,7 +5,9 @@ Objectives say WHAT derivative they need; a mode says HOW. Every mode answers on
     mode.jvp(flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map")
         -> (X_{s,t}(x), d/de X_{s + e s_dot, t + e t_dot}(x + e x_dot) at e = 0)
 
-(or the same for v_{s,t} with ``output="velocity"``). Tangents left ``None`` are zero. The
+(or the same for v_{s,t} with ``output="velocity"``), with ``c=`` and ``w=`` (the condition
+and the guidance-scale input of a conditional network) passed to every network call; they
+carry no tangent. Tangents left ``None`` are zero. The
 tangent output stays differentiable in the network parameters in every mode, which is what
 LSD and ESD backpropagate through.
 """
@@ -22,12 +24,14 @@ from pyflowmap._tensors import batch_time
 from pyflowmap.flowmap import FlowMap
 
 
-def _function(flowmap: FlowMap, output: str):
-    if output == "map":
-        return flowmap
-    if output == "velocity":
-        return flowmap.velocity_field
-    raise ValueError(f"output must be 'map' or 'velocity', got {output!r}")
+def _function(flowmap: FlowMap, output: str, c=None, w=None):
+    """``f(x, s, t)``: the map or its velocity, the condition bound (it carries no tangent)."""
+    if output not in ("map", "velocity"):
+        raise ValueError(f"output must be 'map' or 'velocity', got {output!r}")
+    f = flowmap if output == "map" else flowmap.velocity_field
+    if c is None and w is None:
+        return f
+    return lambda x, s, t: f(x, s, t, c=c, w=w)
 
 
 def _check_tangents(x, s, t, x_dot, s_dot, t_dot):
@@ -61,7 +65,8 @@ class DerivativeMode(ABC):
     name = "mode"
 
     @abstractmethod
-    def jvp(self, flowmap: FlowMap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map", lazy=False):
+    def jvp(self, flowmap: FlowMap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map", lazy=False,
+            c=None, w=None):
         """(out, out_dot); see the module docstring. ``lazy=True`` lets a mode return the
         tangent in a deferred form a loss can fuse (finite differences: a
         :class:`CentralDifference`); callers that pass it must accept either."""
@@ -81,7 +86,7 @@ class JVP(DerivativeMode):
 
     name = "jvp"
 
-    def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map", lazy=False):
+    def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map", lazy=False, c=None, w=None):
         _check_tangents(x, s, t, x_dot, s_dot, t_dot)
         s, t = batch_time(s, x), batch_time(t, x)
         tangents = (
@@ -89,7 +94,7 @@ class JVP(DerivativeMode):
             torch.zeros_like(s) if s_dot is None else batch_time(s_dot, x),
             torch.zeros_like(t) if t_dot is None else batch_time(t_dot, x),
         )
-        return torch.func.jvp(_function(flowmap, output), (x, s, t), tangents)
+        return torch.func.jvp(_function(flowmap, output, c, w), (x, s, t), tangents)
 
 
 def default_fd_step(dtype: torch.dtype) -> float:
@@ -105,8 +110,8 @@ class _OutputView(torch.nn.Module):
         self.flowmap = flowmap
         self.output = output
 
-    def forward(self, x, s, t):
-        return _function(self.flowmap, self.output)(x, s, t)
+    def forward(self, x, s, t, c=None, w=None):
+        return _function(self.flowmap, self.output, c, w)(x, s, t)
 
 
 class FiniteDifference(DerivativeMode):
@@ -132,22 +137,25 @@ class FiniteDifference(DerivativeMode):
     def __repr__(self) -> str:
         return f"FiniteDifference(h={self.h:g}, dtype={self.dtype})"
 
-    def _evaluator(self, flowmap: FlowMap, output: str):
-        """``f(x, s, t)`` running the network with its floating tensors in ``self.dtype``."""
+    def _evaluator(self, flowmap: FlowMap, output: str, c=None, w=None):
+        """``f(x, s, t)`` running the network with its floating tensors in ``self.dtype`` (a
+        floating condition and ``w`` too; class labels stay integers)."""
         tensors = dict(flowmap.named_parameters())
         tensors.update(flowmap.named_buffers())
         if all(not v.is_floating_point() or v.dtype == self.dtype for v in tensors.values()):
-            return _function(flowmap, output)
+            return _function(flowmap, output, c, w)
         view = _OutputView(flowmap, output)
         cast = {"flowmap." + k: (v.to(self.dtype) if v.is_floating_point() else v)
                 for k, v in tensors.items()}
-        return lambda x, s, t: functional_call(view, cast, (x, s, t))
+        c = c.to(self.dtype) if isinstance(c, torch.Tensor) and c.is_floating_point() else c
+        w = w.to(self.dtype) if isinstance(w, torch.Tensor) else w
+        return lambda x, s, t: functional_call(view, cast, (x, s, t), {"c": c, "w": w})
 
-    def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map", lazy=False):
+    def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map", lazy=False, c=None, w=None):
         _check_tangents(x, s, t, x_dot, s_dot, t_dot)
         s, t = batch_time(s, x), batch_time(t, x)
-        out = _function(flowmap, output)(x, s, t)
-        f = self._evaluator(flowmap, output)
+        out = _function(flowmap, output, c, w)(x, s, t)
+        f = self._evaluator(flowmap, output, c, w)
         h, d = self.h, self.dtype
 
         def shifted(sign):
@@ -169,11 +177,11 @@ class Dual(DerivativeMode):
 
     name = "dual"
 
-    def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map", lazy=False):
+    def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map", lazy=False, c=None, w=None):
         _check_tangents(x, s, t, x_dot, s_dot, t_dot)
         if output not in ("map", "velocity"):
             raise ValueError(f"output must be 'map' or 'velocity', got {output!r}")
-        return flowmap.tangent(x, s, t, x_dot, s_dot, t_dot, output=output)
+        return flowmap.tangent(x, s, t, x_dot, s_dot, t_dot, output=output, c=c, w=w)
 
 
 MODES = {"jvp": JVP, "fd": FiniteDifference, "dual": Dual}

@@ -8,7 +8,9 @@ from typing import Sequence
 
 import torch
 
+from pyflowmap import conditioning as cond_
 from pyflowmap import ops
+from pyflowmap._tensors import batch_time
 from pyflowmap.consistency import EDMConsistency, intermediate_sigmas
 from pyflowmap.cuda_graphs import graph_sampler
 from pyflowmap.flowmap import FlowMap, as_velocity
@@ -48,15 +50,15 @@ KINDS = ("flowmap", "consistency")
 
 
 def _loop(model: FlowMap, x: torch.Tensor, g: torch.Tensor, kind: str, base, generator,
-          traj: list | None) -> torch.Tensor:
+          traj: list | None, c=None, w=None, guidance=None) -> torch.Tensor:
     """The K-step loop shared by eager sampling and CUDA-graph capture (no host syncs)."""
     last = g.numel() - 1
     for k in range(last):
         s, t = g[k].to(x.dtype), g[k + 1].to(x.dtype)
         if kind == "flowmap":
-            x = model._jump(x, s, t)
+            x = model._jump(x, s, t, c, w, guidance)
         else:
-            x1 = model._jump(x, s, g[last].to(x.dtype))  # jump to the data end
+            x1 = model._jump(x, s, g[last].to(x.dtype), c, w, guidance)  # jump to the data end
             if k + 1 < last:  # re-noise onto the interpolant at the next grid time
                 eps = base.sample(x.shape, generator=generator, device=x.device, dtype=x.dtype) \
                     if base is not None else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -72,8 +74,15 @@ def _loop(model: FlowMap, x: torch.Tensor, g: torch.Tensor, kind: str, base, gen
 def sample(model, noise: torch.Tensor, steps: int | None = 1,
            grid: Sequence[float] | torch.Tensor | None = None, kind: str | None = None, base=None,
            generator: torch.Generator | None = None, graph: bool = False, return_trajectory: bool = False,
-           t_mid: float = 0.821):
+           t_mid: float = 0.821, c: torch.Tensor | None = None, guidance: float | None = None, w=None):
     """Few-step sampling from ``noise``: the one sampler entry point of pyflowmap.
+
+    ``c``: the condition of each sample (class labels ``[B]``, the null class for
+    unconditional, or a tensor ``[B, ...]``) for a conditional model; ``guidance``:
+    classifier-free guidance at sampling, every network call made on the doubled batch
+    [c; null] and combined as v_null + guidance (v_c - v_null) (None: the conditional model
+    alone, which is already guided if it was trained with guidance); ``w``: the guidance scale
+    given as an input to a network trained with a guidance range.
 
     For a :class:`~pyflowmap.FlowMap` (noise at t = 0, data at t = 1), over a time grid:
 
@@ -101,12 +110,13 @@ def sample(model, noise: torch.Tensor, steps: int | None = 1,
     Returns ``[B, ...]``, or with ``return_trajectory`` (eager only) every state, stacked.
     """
     check_batch("noise", noise)
+    c, w, guidance = _conditioning(model, noise, c, w, guidance)
     if isinstance(model, EDMConsistency):
         if kind not in (None, "consistency"):
             raise ValueError(f"an EDMConsistency model samples with kind='consistency' only, got {kind!r}")
         if graph:
             raise ValueError("graph=True captures flow-map sampling; EDM consistency sampling runs eagerly")
-        return _edm_consistency(model, noise, steps, grid, t_mid, generator, return_trajectory)
+        return _edm_consistency(model, noise, steps, grid, t_mid, generator, return_trajectory, c, w, guidance)
     kind = "flowmap" if kind is None else kind
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -114,23 +124,43 @@ def sample(model, noise: torch.Tensor, steps: int | None = 1,
     if graph:
         if return_trajectory:
             raise ValueError("return_trajectory is not available with graph=True")
-        loop = lambda x, grid_, base_: _loop(model, x, grid_, kind, base_, None, None)  # noqa: E731
-        return graph_sampler(model, loop, noise, g, kind, base, generator)(noise)
+        loop = lambda x, grid_, base_, c_, w_: _loop(model, x, grid_, kind, base_, None, None, c_, w_,  # noqa: E731
+                                                     guidance)
+        return graph_sampler(model, loop, noise, g, kind, base, generator, c, w, guidance)(noise, c, w)
     traj = [noise] if return_trajectory else None
-    x = _loop(model, noise, g, kind, base, generator, traj)
+    x = _loop(model, noise, g, kind, base, generator, traj, c, w, guidance)
     return torch.stack(traj) if traj is not None else x
 
 
-def _edm_consistency(model: EDMConsistency, noise, steps, levels, t_mid, generator, return_trajectory):
+def _conditioning(model, noise, c, w, guidance):
+    """Checked (c, w as [B], guidance) of a sampler call."""
+    if isinstance(model, (FlowMap, EDMConsistency)):
+        cond_.check_condition("c", c, model, noise.shape[0])
+    if c is not None and c.device != noise.device:
+        raise ValueError(f"c is on {c.device} but noise is on {noise.device}")
+    guidance = cond_.check_guidance("guidance", guidance)
+    if guidance is not None and c is None:
+        raise ValueError("guidance needs the conditions c to guide towards")
+    if w is not None:
+        w = batch_time(w, noise)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("w (the guidance input) must be finite")
+    return c, w, guidance
+
+
+def _edm_consistency(model: EDMConsistency, noise, steps, levels, t_mid, generator, return_trajectory,
+                     c=None, w=None, guidance=None):
     path = model.path
     levels = intermediate_sigmas(steps, t_mid) if levels is None else [float(s) for s in levels]
     if any(not (path.sigma_min < s <= path.sigma_max) for s in levels):
         raise ValueError(f"consistency sampling: re-noise levels must lie in ({path.sigma_min}, {path.sigma_max}]")
-    x = model(path.sigma_max * noise, path.sigma_max, boundary=True)
+    # only what is set: an unconditional model (or a user's wrapper of one) keeps its old call
+    kw = dict(boundary=True, **{k: v for k, v in (("c", c), ("w", w), ("guidance", guidance)) if v is not None})
+    x = model(path.sigma_max * noise, path.sigma_max, **kw)
     traj = [x] if return_trajectory else None
     for s in levels:
         z = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
-        x = model(x + s * z, s, boundary=True)
+        x = model(x + s * z, s, **kw)
         if traj is not None:
             traj.append(x)
     return torch.stack(traj) if traj is not None else x
@@ -138,10 +168,13 @@ def _edm_consistency(model: EDMConsistency, noise, steps, levels, t_mid, generat
 
 @torch.no_grad()
 def sample_ode(model, noise: torch.Tensor, steps: int | None = 8, method: str = "euler",
-               grid: Sequence[float] | torch.Tensor | None = None, return_trajectory: bool = False):
+               grid: Sequence[float] | torch.Tensor | None = None, return_trajectory: bool = False,
+               c: torch.Tensor | None = None, guidance: float | None = None, w=None):
     """Integrate dx/dt = b_t(x) from ``noise`` at t = 0 to t = 1.
 
-    ``model`` is a :class:`FlowMap` (its diagonal velocity v_{t,t}) or any callable b(x, t).
+    ``model`` is a :class:`FlowMap` (its diagonal velocity v_{t,t}) or any callable b(x, t)
+    (``b(x, t, c=c)`` when conditioned). ``c``, ``guidance``, ``w``: as in :func:`sample`; with
+    guidance each velocity call is one call on the doubled batch.
     ``method="euler"`` uses one velocity call per step, ``"heun"`` (2nd order) two. The Euler
     update is the fused ``flowmap_step`` (an Euler step is a flow-map jump with v = b_s).
     """
@@ -149,7 +182,8 @@ def sample_ode(model, noise: torch.Tensor, steps: int | None = 8, method: str = 
     if method not in ("euler", "heun"):
         raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
     check_batch("noise", noise)
-    b = as_velocity(model)
+    c, w, guidance = _conditioning(model, noise, c, w, guidance)
+    b = _velocity(model, c, w, guidance)
     g = _resolve_grid(steps, grid, noise)
     x = noise
     traj = [x] if return_trajectory else None
@@ -168,6 +202,27 @@ def sample_ode(model, noise: torch.Tensor, steps: int | None = 8, method: str = 
     return torch.stack(traj) if traj is not None else x
 
 
+def _velocity(model, c, w, guidance):
+    """b(x, t) of ``model`` given the condition, guided from one doubled call with ``guidance``."""
+    if isinstance(model, FlowMap):
+        return lambda x, t: model.velocity(x, t, c=c, w=w, guidance=guidance)
+    b = as_velocity(model)
+    if c is None:
+        if w is not None:
+            raise ValueError("w (the guidance input) is for pyflowmap FlowMaps")
+        return b
+    if guidance is None:
+        return lambda x, t: b(x, t, c=c)
+    null = cond_.null_condition(model, c) if cond_.is_conditional(model) else torch.zeros_like(c)
+
+    def guided(x, t):
+        cc, xx, tt = cond_.doubled(c, null, x, t)
+        v_c, v_null = b(xx, tt, c=cc).chunk(2)
+        return cond_.combine(v_c, v_null, guidance)
+
+    return guided
+
+
 SAMPLERS = ("map", "euler", "heun", "consistency")
 _ALIASES = {"ode": "euler"}  # the image CLI's name for the Euler ODE
 
@@ -180,14 +235,16 @@ def sampler_name(sampler: str) -> str:
     return name
 
 
-def draw(model, noise: torch.Tensor, sampler: str, steps: int, generator: torch.Generator | None = None):
+def draw(model, noise: torch.Tensor, sampler: str, steps: int, generator: torch.Generator | None = None,
+         c: torch.Tensor | None = None, guidance: float | None = None, w=None):
     """Samples from ``noise`` with the sampler named ``sampler`` using ``steps`` network calls
     per sample (Heun: two per step): ``map`` (flow-map jumps), ``euler`` / ``heun`` (the ODE
     of the diagonal velocity; ``ode`` is ``euler``) or ``consistency`` (re-noising, with
-    ``generator`` for the fresh noise)."""
+    ``generator`` for the fresh noise); ``c``, ``guidance``, ``w`` as in :func:`sample`."""
     name = sampler_name(sampler)
+    cond = dict(c=c, guidance=guidance, w=w)
     if name == "map":
-        return sample(model, noise, steps=steps)
+        return sample(model, noise, steps=steps, **cond)
     if name in ("euler", "heun"):
-        return sample_ode(model, noise, steps=steps, method=name)
-    return sample(model, noise, steps=steps, kind="consistency", generator=generator)
+        return sample_ode(model, noise, steps=steps, method=name, **cond)
+    return sample(model, noise, steps=steps, kind="consistency", generator=generator, **cond)

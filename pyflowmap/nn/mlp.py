@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pyflowmap.conditioning import ConditionEmbedding
 from pyflowmap.nn.embeddings import SinusoidalEmbedding, time_tangents
 from pyflowmap.nn.functional import split
 from pyflowmap.nn.layers import Activation, Linear, Sequential, stack
@@ -20,6 +21,11 @@ class FlowMapMLP(nn.Module):
     ``hidden`` (the paper's checker model: 4 x 512, GELU). The output layer starts at zero, so
     an untrained map is the identity and its velocity zero.
 
+    ``num_classes`` (class labels, null class ``num_classes``) or ``cond_shape`` (a tensor
+    condition) make it conditional: ``net(x, s, t, c=c)`` appends an ``emb_dim`` embedding of
+    ``c`` to the input (``c=None``: the null condition); ``guidance_input=True`` also embeds the
+    guidance scale ``w`` ``[B]`` (:class:`pyflowmap.conditioning.ConditionEmbedding`).
+
     Built from :mod:`pyflowmap.nn` dual layers: ``net(x, s, t, tangents=(x_dot, s_dot, t_dot))``
     returns ``(v, v_dot)`` in one ordinary forward over the stacked [primal; tangent] rows, so
     the ``dual`` derivative mode (picked by ``derivative="auto"``) needs no forward-mode AD.
@@ -28,7 +34,8 @@ class FlowMapMLP(nn.Module):
     supports_tangents = True
 
     def __init__(self, dim: int = 2, hidden: int = 512, depth: int = 4, emb_dim: int = 64,
-                 activation: str = "gelu", data_std: float | torch.Tensor = 1.0):
+                 activation: str = "gelu", data_std: float | torch.Tensor = 1.0, num_classes: int | None = None,
+                 cond_shape=None, guidance_input: bool = False):
         super().__init__()
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"dim, hidden and depth must be positive, got {dim}, {hidden}, {depth}")
@@ -38,7 +45,11 @@ class FlowMapMLP(nn.Module):
         self.emb_s = SinusoidalEmbedding(emb_dim)
         self.emb_dt = SinusoidalEmbedding(emb_dim)
         layers: list[nn.Module] = []
-        width = dim + 2 * emb_dim
+        conditional = num_classes is not None or cond_shape is not None
+        if guidance_input and not conditional:
+            raise ValueError("guidance_input=True needs a conditional network (num_classes or cond_shape)")
+        self.cond_emb = ConditionEmbedding(emb_dim, num_classes, cond_shape, guidance_input) if conditional else None
+        width = dim + (3 if conditional else 2) * emb_dim
         for _ in range(depth):
             layers += [Linear(width, hidden), Activation(activation)]
             width = hidden
@@ -48,14 +59,27 @@ class FlowMapMLP(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.register_buffer("data_std", torch.as_tensor(data_std, dtype=torch.float32).clone())
 
-    def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, tangents=None):
-        """``x`` ``[B, dim]``, ``s``, ``t`` ``[B]`` -> ``v`` ``[B, dim]``, or ``(v, v_dot)`` when
-        ``tangents = (x_dot, s_dot, t_dot)`` is given (entries may be None = zero)."""
+    num_classes = property(lambda self: None if self.cond_emb is None else self.cond_emb.num_classes)
+    cond_shape = property(lambda self: None if self.cond_emb is None else self.cond_emb.cond_shape)
+    guidance_input = property(lambda self: self.cond_emb is not None and self.cond_emb.guidance_input)
+
+    def _condition(self, x, c, w):
+        if self.cond_emb is None:
+            if c is not None or w is not None:
+                raise TypeError("this FlowMapMLP is unconditional: build it with num_classes= or cond_shape= to pass c")
+            return []
+        return [self.cond_emb(c, x.shape[0], w, dtype=x.dtype, device=x.device)]
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, c=None, w=None, tangents=None):
+        """``x`` ``[B, dim]``, ``s``, ``t`` ``[B]`` (``c``, ``w``: the condition and guidance
+        scale of a conditional net) -> ``v`` ``[B, dim]``, or ``(v, v_dot)`` when ``tangents =
+        (x_dot, s_dot, t_dot)`` is given (entries may be None = zero)."""
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"FlowMapMLP expects x of shape [B, {self.dim}], got {tuple(x.shape)}")
         sd = self.data_std.to(x.dtype)
+        cond = self._condition(x, c, w)
         if tangents is None:
-            h = torch.cat([x / sd, self.emb_s(s), self.emb_dt(t - s)], dim=-1)
+            h = torch.cat([x / sd, self.emb_s(s), self.emb_dt(t - s), *cond], dim=-1)
             return sd * self.head(self.body(h))
         x_dot, s_dot, t_dot = tangents
         s_dot, dt_dot = time_tangents(s, t, s_dot, t_dot)
@@ -63,6 +87,7 @@ class FlowMapMLP(nn.Module):
             stack(x / sd, None if x_dot is None else x_dot / sd),
             self.emb_s.dual(s, s_dot),
             self.emb_dt.dual(t - s, dt_dot),
+            *[stack(e, None) for e in cond],  # a condition carries no tangent
         ], dim=-1)
         out = sd * self.head.dual(self.body.dual(hh))
         return split(out)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyflowmap.conditioning import ConditionEmbedding
 from pyflowmap.nn import functional as DF
 from pyflowmap.nn.attention import Attention
 from pyflowmap.nn.embeddings import SinusoidalEmbedding, time_tangents
@@ -80,19 +81,27 @@ class UNetFlowMap(nn.Module):
     ResBlock-Attention-ResBlock at H/4, and the paper's conditioning: positional embeddings of s
     and t - s through an MLP into FiLM scale/shift in every block. v = sigma_d * F(x / sigma_d,
     s, t - s); the output conv starts at zero (untrained map = identity); ``dropout`` in every
-    residual block (one mask shared by primal and tangent). Every layer has a
+    residual block (one mask shared by primal and tangent). ``num_classes`` / ``cond_shape``
+    make it conditional: an ``emb_dim`` embedding of ``c`` (``c=None``: the null condition;
+    with ``guidance_input`` plus one of ``w``) joins the time embeddings at the input of the
+    conditioning MLP. Every layer has a
     dual mode, so ``net(x, s, t, tangents=...)`` returns ``(v, v_dot)``.
     """
 
     supports_tangents = True
 
     def __init__(self, channels: int = 1, ch: int = 32, emb_dim: int = 64, heads: int = 4,
-                 groups: int = 8, attention: bool = True, data_std: float = 0.5, dropout: float = 0.0):
+                 groups: int = 8, attention: bool = True, data_std: float = 0.5, dropout: float = 0.0,
+                 num_classes: int | None = None, cond_shape=None, guidance_input: bool = False):
         super().__init__()
         cd = 4 * emb_dim
         self.channels = channels
         self.emb_s, self.emb_dt = SinusoidalEmbedding(emb_dim), SinusoidalEmbedding(emb_dim)
-        self.cond = Sequential(Linear(2 * emb_dim, cd), Activation("silu"), Linear(cd, cd))
+        conditional = num_classes is not None or cond_shape is not None
+        if guidance_input and not conditional:
+            raise ValueError("guidance_input=True needs a conditional network (num_classes or cond_shape)")
+        self.cond_emb = ConditionEmbedding(emb_dim, num_classes, cond_shape, guidance_input) if conditional else None
+        self.cond = Sequential(Linear((3 if conditional else 2) * emb_dim, cd), Activation("silu"), Linear(cd, cd))
         self.inp = Conv2d(channels, ch, 3, padding=1)
         self.down1 = ResBlock(ch, ch, cd, groups, dropout)
         self.pool1 = Conv2d(ch, ch, 3, stride=2, padding=1)
@@ -128,14 +137,27 @@ class UNetFlowMap(nn.Module):
         u = call(self.up1, torch.cat([up(u), h1], 1), c)
         return call(self.out, call(self.out_act, call(self.out_norm, u)))
 
-    def forward(self, x, s, t, tangents=None):
+    num_classes = property(lambda self: None if self.cond_emb is None else self.cond_emb.num_classes)
+    cond_shape = property(lambda self: None if self.cond_emb is None else self.cond_emb.cond_shape)
+    guidance_input = property(lambda self: self.cond_emb is not None and self.cond_emb.guidance_input)
+
+    def _condition(self, x, c, w):
+        if self.cond_emb is None:
+            if c is not None or w is not None:
+                raise TypeError("this UNetFlowMap is unconditional: build it with num_classes= or cond_shape= to pass c")
+            return []
+        return [self.cond_emb(c, x.shape[0], w, dtype=x.dtype, device=x.device)]
+
+    def forward(self, x, s, t, c=None, w=None, tangents=None):
         self._check(x)
         sd = self.data_std.to(x.dtype)
+        cond = self._condition(x, c, w)
         if tangents is None:
-            c = self.cond(torch.cat([self.emb_s(s), self.emb_dt(t - s)], -1))
-            return sd * self._run(x / sd, c, dual=False)
+            h = self.cond(torch.cat([self.emb_s(s), self.emb_dt(t - s), *cond], -1))
+            return sd * self._run(x / sd, h, dual=False)
         x_dot, s_dot, t_dot = tangents
         s_dot, dt_dot = time_tangents(s, t, s_dot, t_dot)
-        cc = self.cond.dual(torch.cat([self.emb_s.dual(s, s_dot), self.emb_dt.dual(t - s, dt_dot)], -1))
+        cc = self.cond.dual(torch.cat([self.emb_s.dual(s, s_dot), self.emb_dt.dual(t - s, dt_dot),
+                                       *[stack(e, None) for e in cond]], -1))  # a condition carries no tangent
         out = sd * self._run(stack(x / sd, None if x_dot is None else x_dot / sd), cc, dual=True)
         return DF.split(out)

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pyflowmap import conditioning as cond_
 from pyflowmap.derivatives import DerivativeMode, resolve_mode
 from pyflowmap.distributed import Shard
 from pyflowmap.flowmap import FlowMap, as_velocity  # noqa: F401  (re-exported)
@@ -36,6 +37,50 @@ class LossOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class Conditions:
+    """What an objective passes to the network beside (x, s, t), for a block of rows:
+
+    ``c``: the condition after label dropout (None: unconditional); ``w``: the guidance scale
+    fed to a network that takes it as an input (None: not one); ``scale``: the training
+    guidance scale per row, 1 where the row's condition was dropped (None: no guidance in
+    training); ``null``: the null condition of these rows."""
+
+    c: torch.Tensor | None = None
+    w: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    null: torch.Tensor | None = None
+
+    @property
+    def kw(self) -> dict:
+        """The keyword arguments of every network call: ``c`` and ``w``."""
+        return {"c": self.c, "w": self.w}
+
+    @property
+    def null_kw(self) -> dict:
+        return {"c": self.null, "w": self.w}
+
+    def rows(self, sl) -> "Conditions":
+        take = lambda v: None if v is None else v[sl]  # noqa: E731
+        return Conditions(take(self.c), take(self.w), take(self.scale), take(self.null))
+
+
+NO_CONDITION = Conditions()
+
+
+def guided_call(fn, cond: Conditions, x, *times):
+    """``fn(x, *times, c=...)`` with the rows' guidance: conditional when ``cond.scale`` is
+    None, else null + scale (conditional - null) from one call on the doubled batch (a frozen
+    teacher's velocity under guidance). A teacher takes no ``w``: that input is the student's."""
+    if cond.c is None:
+        return fn(x, *times)
+    if cond.scale is None:
+        return fn(x, *times, c=cond.c)
+    cc, xx, *tt = cond_.doubled(cond.c, cond.null, x, *times)
+    out_c, out_null = fn(xx, *tt, c=cc).chunk(2)
+    return cond_.combine(out_c, out_null, cond.scale)
+
+
 def freeze(module):
     if isinstance(module, nn.Module):
         module.requires_grad_(False)
@@ -58,10 +103,76 @@ class ObjectiveBase(nn.Module):
 
     name = "objective"
     parts: tuple[str, ...] = ()
+    p_uncond: float = 0.0
+    guidance: float | None = None
+    guidance_range: tuple[float, float] | None = None
 
     def forward(self, model, x1: torch.Tensor, generator: torch.Generator | None = None, step: int = 0,
-                shard: Shard | None = None, global_batch: int | None = None) -> LossOutput:
+                shard: Shard | None = None, global_batch: int | None = None, c=None) -> LossOutput:
         raise NotImplementedError
+
+    def set_conditioning(self, p_uncond: float = 0.0, guidance: float | None = None,
+                         guidance_range: tuple[float, float] | None = None) -> None:
+        """Condition dropout and guidance in training (docs/conditioning.md):
+
+        * ``p_uncond``: each row's condition becomes the null one with this probability (the
+          unconditional model that guidance needs);
+        * ``guidance``: the training guidance scale w: the target of a conditional row is
+          built from w x (its conditional target) + (1 - w) x sg(the null prediction), so the
+          conditional model itself samples the guided distribution (1 = no guidance);
+        * ``guidance_range=(lo, hi)``: w ~ U[lo, hi] per row, also given to the network as its
+          ``w`` input, so one model serves every w in the range."""
+        if isinstance(p_uncond, bool) or not 0 <= float(p_uncond) < 1:
+            raise ValueError(f"{self.name}: p_uncond must be in [0, 1), got {p_uncond!r}")
+        guidance = cond_.check_guidance(f"{self.name}: guidance", guidance)
+        if guidance_range is not None:
+            if guidance is not None:
+                raise ValueError(f"{self.name}: give guidance (one scale) or guidance_range (w as an input), not both")
+            lo, hi = (cond_.check_guidance(f"{self.name}: guidance_range", v) for v in guidance_range)
+            if not lo <= hi:
+                raise ValueError(f"{self.name}: guidance_range must be (lo, hi) with lo <= hi, got {guidance_range}")
+            guidance_range = (lo, hi)
+        if (guidance is not None or guidance_range is not None) and p_uncond == 0:
+            raise ValueError(f"{self.name}: guidance in training needs p_uncond > 0 (the null prediction it uses "
+                             "is learned from the dropped conditions)")
+        self.p_uncond, self.guidance, self.guidance_range = float(p_uncond), guidance, guidance_range
+
+    def draw_conditions(self, model, c, B: int, generator, idx, device, dtype) -> Conditions:
+        """This rank's :class:`Conditions` for condition ``c`` (its rows ``idx`` of a global
+        batch of ``B``, or all of them when ``idx`` is None). The dropout mask and the guidance
+        scales are drawn for the whole global batch, after every other draw of the step, so a
+        data-parallel run equals one process and an unconditional run draws nothing."""
+        n = B if idx is None else idx.shape[0]
+        cond_.check_condition("c", c, model, n)
+        if c is not None and c.device != torch.device(device):
+            raise ValueError(f"c is on {c.device} but the data batch is on {device}")
+        if self.guidance_range is not None and not cond_.takes_guidance(model):
+            raise TypeError(f"{self.name}: guidance_range feeds w to the network, but it does not take w "
+                            "(build it with guidance_input=True)")
+        if c is None:
+            if self.guidance is not None or self.guidance_range is not None or self.p_uncond > 0:
+                raise ValueError(f"{self.name}: condition dropout and guidance need the batch's conditions c")
+            return NO_CONDITION
+        take = (lambda v: v) if idx is None else (lambda v: v[idx])  # noqa: E731
+        null = cond_.null_condition(model, c)
+        drop = None
+        if self.p_uncond > 0:
+            drop = take(torch.rand(B, generator=generator, device=device) < self.p_uncond)
+            c = cond_.drop_conditions(c, drop, null)
+        w_in = scale = None
+        if self.guidance_range is not None:
+            lo, hi = self.guidance_range
+            w_in = take(lo + (hi - lo) * torch.rand(B, generator=generator, device=device, dtype=dtype))
+            scale = w_in
+        elif self.guidance is not None:
+            scale = torch.full((n,), self.guidance, device=device, dtype=dtype)
+        if scale is not None:
+            # a row without its condition (dropped, or given the null class) keeps its plain target
+            uncond = drop if drop is not None else torch.zeros(n, dtype=torch.bool, device=device)
+            if not c.is_floating_point():
+                uncond = uncond | (c == null)
+            scale = torch.where(uncond, torch.ones_like(scale), scale)
+        return Conditions(c=c, w=w_in, scale=scale, null=null)
 
     @staticmethod
     def global_batch_size(shard: Shard | None, global_batch: int | None, n_local: int) -> int:
@@ -110,8 +221,12 @@ class Objective(ObjectiveBase):
         derivative: str | DerivativeMode = "auto",
         weighting: LearnedWeighting | None = None,
         diagonal_teacher: Velocity | None = None,
+        p_uncond: float = 0.0,
+        guidance: float | None = None,
+        guidance_range: tuple[float, float] | None = None,
     ):
         super().__init__()
+        self.set_conditioning(p_uncond, guidance, guidance_range)
         self.interpolant = make_interpolant(interpolant)
         self.base = base if base is not None else GaussianBase(1.0)
         self.times = times if times is not None else TimeSampler()
@@ -122,15 +237,27 @@ class Objective(ObjectiveBase):
     def mode(self, flowmap: FlowMap) -> DerivativeMode:
         return resolve_mode(self.derivative, flowmap)
 
-    def diagonal_target(self, x0, x1, xt, t):
+    def guided_velocity(self, flowmap: FlowMap, x, t, d_i, cond: Conditions):
+        """The velocity target of the diagonal at (x = I_t, t): the conditional sample d_i =
+        dI_t/dt, or under training guidance w d_i + (1 - w) sg(v_{t,t}(I_t | null)) (MeanFlow's
+        and the flow-map CFG construction; w = 1 on rows without a condition)."""
+        if cond.scale is None:
+            return d_i
+        with torch.no_grad():
+            v_null = flowmap.velocity(x, t, **cond.null_kw)
+        return cond_.combine(d_i, v_null, cond.scale)
+
+    def diagonal_target(self, x0, x1, xt, t, flowmap: FlowMap | None = None, cond: Conditions = NO_CONDITION):
         if self._diagonal_teacher is not None:
             with torch.no_grad():
-                return self._diagonal_teacher(xt, t)
-        return self.interpolant.velocity_target(x0, x1, t)
+                return guided_call(self._diagonal_teacher, cond, xt, t)
+        return self.guided_velocity(flowmap, xt, t, self.interpolant.velocity_target(x0, x1, t), cond)
 
-    def offdiag_terms(self, flowmap: FlowMap, x0, x1, s, t, draws: dict | None = None):
+    def offdiag_terms(self, flowmap: FlowMap, x0, x1, s, t, draws: dict | None = None,
+                      cond: Conditions = NO_CONDITION):
         """(pred, target) for off-diagonal samples; ``target`` may be a scalar 0. ``draws``:
-        this objective's own per-sample random values from :meth:`draw_offdiag`."""
+        this objective's own per-sample random values from :meth:`draw_offdiag`; ``cond``:
+        these rows' :class:`Conditions`, passed to every network call."""
         raise NotImplementedError
 
     def draw_offdiag(self, n: int, generator, device, dtype) -> dict:
@@ -145,9 +272,10 @@ class Objective(ObjectiveBase):
         return None
 
     def forward(self, flowmap: FlowMap, x1: torch.Tensor, generator: torch.Generator | None = None, step: int = 0,
-                shard: Shard | None = None, global_batch: int | None = None) -> LossOutput:
-        """The loss on a data batch ``x1`` ``[B, ...]``; randomness from ``generator``
-        (``step`` is not used: these objectives have no schedule).
+                shard: Shard | None = None, global_batch: int | None = None, c=None) -> LossOutput:
+        """The loss on a data batch ``x1`` ``[B, ...]`` with conditions ``c`` (labels ``[B]``
+        or a tensor ``[B, ...]``, or None); randomness from ``generator`` (``step`` is not
+        used: these objectives have no schedule).
 
         Data-parallel use (:mod:`pyflowmap.distributed`): ``x1`` holds this rank's rows
         ``shard.indices(global_batch)`` of a global batch; the noise, times and draws are made
@@ -164,6 +292,7 @@ class Objective(ObjectiveBase):
         # diagonal forward, where they always were: the global RNG order (dropout) is unchanged
         draws = self.draw_offdiag(B - n_diag, generator, dev, dt) if generator is not None or shard else {}
         counts = {"fm": n_diag, "distill": B - n_diag}
+        idx = None
         if shard is not None:
             for key, count in counts.items():
                 # every rank must run the same network calls (FSDP2 gathers weights per call)
@@ -176,15 +305,19 @@ class Objective(ObjectiveBase):
             draws = {k: v[off] for k, v in draws.items()}
             n_diag = shard.count(n_diag)
         n = x1.shape[0]
+        cond = self.draw_conditions(flowmap, c, B, generator, idx, dev, dt)
 
         parts = []  # (name, pred, target, s, t)
         if n_diag > 0:
             x0d, x1d, td = x0[:n_diag], x1[:n_diag], t[:n_diag]
+            cd = cond.rows(slice(None, n_diag))
             xt = self.interpolant.interpolate(x0d, x1d, td)
-            parts.append(("fm", flowmap.velocity(xt, td), self.diagonal_target(x0d, x1d, xt, td), td, td))
+            parts.append(("fm", flowmap.velocity(xt, td, **cd.kw), self.diagonal_target(x0d, x1d, xt, td, flowmap, cd),
+                          td, td))
         if n_diag < n:
             so, to = s[n_diag:], t[n_diag:]
-            pred, target = self.offdiag_terms(flowmap, x0[n_diag:], x1[n_diag:], so, to, draws)
+            pred, target = self.offdiag_terms(flowmap, x0[n_diag:], x1[n_diag:], so, to, draws,
+                                              cond.rows(slice(n_diag, None)))
             parts.append(("distill", pred, target, so, to))
 
         loss, metrics, per_sample = x1.new_zeros(()), {}, []
@@ -210,4 +343,7 @@ class Objective(ObjectiveBase):
         return LossOutput(loss=loss, per_sample=per_sample, n_diag=n_diag, metrics=metrics)
 
     def extra_repr(self) -> str:
-        return f"interpolant={self.interpolant!r}, base={self.base!r}, times={self.times!r}, derivative={self.derivative!r}"
+        extra = "" if self.p_uncond == 0 else f", p_uncond={self.p_uncond}, guidance={self.guidance}, " \
+            f"guidance_range={self.guidance_range}"
+        return (f"interpolant={self.interpolant!r}, base={self.base!r}, times={self.times!r}, "
+                f"derivative={self.derivative!r}{extra}")

@@ -7,11 +7,12 @@ import warnings
 
 import torch
 
+from pyflowmap import conditioning as cond_
 from pyflowmap._tensors import expand_time
 from pyflowmap.consistency import ECTSchedule, EDMConsistency
 from pyflowmap.distributed import Shard
 from pyflowmap.losses import residual_loss
-from pyflowmap.objectives.base import LossOutput, ObjectiveBase
+from pyflowmap.objectives.base import LossOutput, ObjectiveBase, freeze
 from pyflowmap.validation import check_batch
 
 
@@ -41,14 +42,28 @@ class ECT(ObjectiveBase):
     (denoising, f(x_t, t) -> y) with EDM's weight (t^2 + sd^2) / (t sd)^2 and the squared L2
     loss, i.e. the EDM denoiser objective in this same parameterization.
 
+    Conditioned (``c`` labels or a tensor), every pass gets the row's condition; ``p_uncond``
+    drops it. Guidance in training (docs/conditioning.md) replaces the data y, the
+    single-sample estimate of the denoiser, by the guided D = w y + (1 - w) D_null(x_t, t):
+    pretraining regresses on it with D_null the model's own sg(f(x_t, t | null)); tuning
+    moves along the guided ODE, x_r = x_t - (t - r) (x_t - D) / t (which is y + r eps at
+    w = 1), with D_null from ``denoiser``, the frozen pretrained model (a consistency model's
+    own f is not a denoiser away from r = 0).
+
     Parts: ``consistency`` (ECT) or ``denoise`` (pretraining); metrics also carry
     ``r_zero_fraction``, the share of samples whose target is the data.
     """
 
     name = "ect"
 
-    def __init__(self, schedule: ECTSchedule | None = None, c: float | None = None, pretrain: bool = False):
+    def __init__(self, schedule: ECTSchedule | None = None, c: float | None = None, pretrain: bool = False,
+                 p_uncond: float = 0.0, guidance: float | None = None, denoiser: EDMConsistency | None = None):
         super().__init__()
+        self.set_conditioning(p_uncond, guidance)
+        if guidance is not None and not pretrain and denoiser is None:
+            raise ValueError("ECT: guidance in consistency tuning needs denoiser=, the frozen pretrained model "
+                             "whose null prediction completes the guided denoiser")
+        self.denoiser = None if denoiser is None else freeze(denoiser)
         self.schedule = schedule if schedule is not None else ECTSchedule()
         if c is not None and c < 0:
             raise ValueError(f"ECT: pseudo-Huber c must be >= 0, got {c}")
@@ -56,12 +71,21 @@ class ECT(ObjectiveBase):
         self.pretrain = pretrain
         self.parts = ("denoise",) if pretrain else ("consistency",)
 
+    def guided_data(self, denoiser, y, x_t, t, cond):
+        """The denoiser target: the data y, or under training guidance w y + (1 - w)
+        sg(D_null(x_t, t)) (``denoiser``: the model itself when pretraining)."""
+        if cond.scale is None:
+            return y
+        with torch.no_grad():
+            d_null = denoiser(x_t, t, **cond.null_kw)
+        return cond_.combine(y, d_null, cond.scale)
+
     def huber_c(self, y: torch.Tensor) -> float:
         return 0.00054 * math.sqrt(y[0].numel()) if self.c is None else float(self.c)
 
     def forward(self, model: EDMConsistency, y: torch.Tensor, generator: torch.Generator | None = None,
                 step: int = 0, shard: Shard | None = None, global_batch: int | None = None,
-                iteration: int | None = None) -> LossOutput:
+                iteration: int | None = None, c=None) -> LossOutput:
         """The loss on ``y`` ``[B, ...]`` at training step ``step`` (the schedule's stage
         counter); with ``shard``, ``y`` is this rank's rows of a global batch (see
         :class:`~pyflowmap.objectives.ObjectiveBase`). ``iteration`` is the old name of
@@ -76,24 +100,27 @@ class ECT(ObjectiveBase):
         B = self.global_batch_size(shard, global_batch, y.shape[0])
         t = self.schedule.sample_t(B, generator=generator, device=dev, dtype=dt)
         eps = torch.randn((B,) + tuple(y.shape[1:]), generator=generator, device=dev, dtype=dt)
+        idx = None
         if shard is not None:
             idx = shard.indices(B, device=dev)
             t, eps = t[idx], eps[idx]
+        cond = self.draw_conditions(model, c, B, generator, idx, dev, dt)
         scale = self.share(shard, y.shape[0], B)
         x_t = y + expand_time(t, y) * eps
         if self.pretrain:
             sd = model.path.sigma_data
             weight = (t**2 + sd**2) / (t * sd) ** 2
-            loss, per = residual_loss(model(x_t, t), y, weight=weight)
+            loss, per = residual_loss(model(x_t, t, **cond.kw), self.guided_data(model, y, x_t, t, cond), weight=weight)
             loss = loss * scale
             return LossOutput(loss=loss, per_sample=per, n_diag=0,
                               metrics={"loss": loss.detach(), "denoise": per.detach().mean() * scale})
         r = self.schedule.r(t, step)
         rng = _rng_state(dev)
-        pred = model(x_t, t)
+        pred = model(x_t, t, **cond.kw)
         with torch.no_grad():
             zero = r == 0
-            target = y.clone()
+            d = self.guided_data(self.denoiser, y, x_t, t, cond)
+            target = d.clone()
             # sharded, every rank runs the same network calls (FSDP2 gathers per call)
             if shard is not None or not bool(zero.all()):
                 _set_rng_state(dev, rng)  # same dropout mask as the t pass
@@ -101,7 +128,10 @@ class ECT(ObjectiveBase):
                 # every sample goes through the network so the mask lines up with the t pass;
                 # r = 0 samples take the data as target
                 r_safe = torch.where(zero, t, r)
-                f_r = model(y + expand_time(r_safe, y) * eps, r_safe)
+                # along the (guided) ODE from x_t; with D = y this is y + r eps
+                x_r = y + expand_time(r_safe, y) * eps if d is y else \
+                    x_t - expand_time((t - r_safe) / t, y) * (x_t - d)
+                f_r = model(x_r, r_safe, **cond.kw)
                 target[live] = f_r[live]
         weight = 1.0 / (t - r)
         loss, per = residual_loss(pred, target, weight=weight, metric="pseudo_huber", c=self.huber_c(y))
@@ -111,4 +141,5 @@ class ECT(ObjectiveBase):
                                    "r_zero_fraction": zero.float().mean() * scale})
 
     def extra_repr(self) -> str:
-        return f"schedule={self.schedule}, c={self.c}, pretrain={self.pretrain}"
+        return (f"schedule={self.schedule}, c={self.c}, pretrain={self.pretrain}, p_uncond={self.p_uncond}, "
+                f"guidance={self.guidance}")

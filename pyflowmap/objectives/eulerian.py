@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pyflowmap.objectives.base import Objective, as_velocity, freeze
+from pyflowmap.objectives.base import NO_CONDITION, Objective, as_velocity, freeze, guided_call
 
 
 class ESD(Objective):
@@ -24,21 +24,21 @@ class ESD(Objective):
         super().__init__(**kwargs)
         self.spatial_stopgrad = spatial_stopgrad
 
-    def transport_velocity(self, flowmap, xs, s):
+    def transport_velocity(self, flowmap, xs, s, cond=NO_CONDITION):
         with torch.no_grad():
-            return flowmap.velocity(xs, s)
+            return flowmap.velocity(xs, s, **cond.kw)
 
-    def offdiag_terms(self, flowmap, x0, x1, s, t, draws=None):
+    def offdiag_terms(self, flowmap, x0, x1, s, t, draws=None, cond=NO_CONDITION):
         mode = self.mode(flowmap)
         xs = self.interpolant.interpolate(x0, x1, s)
-        w = self.transport_velocity(flowmap, xs, s)
+        v = self.transport_velocity(flowmap, xs, s, cond)
         ones = torch.ones_like(s)
         if not self.spatial_stopgrad:
-            _, total = mode.jvp(flowmap, xs, s, t, x_dot=w, s_dot=ones, lazy=True)
+            _, total = mode.jvp(flowmap, xs, s, t, x_dot=v, s_dot=ones, lazy=True, **cond.kw)
             return total, 0.0
-        _, dX_ds = mode.jvp(flowmap, xs, s, t, s_dot=ones, lazy=True)
+        _, dX_ds = mode.jvp(flowmap, xs, s, t, s_dot=ones, lazy=True, **cond.kw)
         with torch.no_grad():
-            _, spatial = mode.jvp(flowmap, xs, s, t, x_dot=w)
+            _, spatial = mode.jvp(flowmap, xs, s, t, x_dot=v, **cond.kw)
         return dX_ds, -spatial
 
 
@@ -60,6 +60,6 @@ class EMD(ESD):
         self.semigradient = semigradient
         self._b = b
 
-    def transport_velocity(self, flowmap, xs, s):
+    def transport_velocity(self, flowmap, xs, s, cond=NO_CONDITION):
         with torch.no_grad():
-            return self._b(xs, s)
+            return guided_call(self._b, cond, xs, s)

@@ -21,5 +21,5 @@ class FM(Objective):
         times = replace(times, diag_fraction=1.0) if times is not None else TimeSampler(diag_fraction=1.0)
         super().__init__(times=times, **kwargs)
 
-    def offdiag_terms(self, flowmap, x0, x1, s, t, draws=None):  # pragma: no cover - never off-diagonal
+    def offdiag_terms(self, flowmap, x0, x1, s, t, draws=None, cond=None):  # pragma: no cover - never off-diagonal
         raise RuntimeError("FM has no off-diagonal term")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pyflowmap.objectives.base import Objective, as_velocity, freeze
+from pyflowmap.objectives.base import NO_CONDITION, Objective, as_velocity, freeze, guided_call
 
 
 def _ones(t):
@@ -22,14 +22,16 @@ class LSD(Objective):
     name = "lsd"
     uses_derivative = True
 
-    def teacher_velocity(self, flowmap, X, t):
+    def teacher_velocity(self, flowmap, X, t, cond=NO_CONDITION):
+        # the network's own diagonal given the same condition: under training guidance it is
+        # the guided velocity the diagonal learns
         with torch.no_grad():
-            return flowmap.velocity(X.detach(), t)
+            return flowmap.velocity(X.detach(), t, **cond.kw)
 
-    def offdiag_terms(self, flowmap, x0, x1, s, t, draws=None):
+    def offdiag_terms(self, flowmap, x0, x1, s, t, draws=None, cond=NO_CONDITION):
         xs = self.interpolant.interpolate(x0, x1, s)
-        X, dX_dt = self.mode(flowmap).jvp(flowmap, xs, s, t, t_dot=_ones(t), lazy=True)
-        return dX_dt, self.teacher_velocity(flowmap, X, t)
+        X, dX_dt = self.mode(flowmap).jvp(flowmap, xs, s, t, t_dot=_ones(t), lazy=True, **cond.kw)
+        return dX_dt, self.teacher_velocity(flowmap, X, t, cond)
 
 
 class LMD(LSD):
@@ -38,6 +40,8 @@ class LMD(LSD):
     residual = d/dt X_{s,t}(I_s) - b_t(X_{s,t}(I_s)). By default the gradient also flows
     through the teacher's input X (the teacher's own weights stay frozen);
     ``semigradient=True`` stops it there: b_t(sg(X)). The diagonal regresses v_{t,t} on b_t.
+    Conditioned, the teacher is called ``b(x, t, c=c)``; under training guidance it is the
+    guided b_null + w (b_c - b_null).
     """
 
     name = "lmd"
@@ -50,8 +54,8 @@ class LMD(LSD):
         self.semigradient = semigradient
         self._b = b
 
-    def teacher_velocity(self, flowmap, X, t):
+    def teacher_velocity(self, flowmap, X, t, cond=NO_CONDITION):
         if self.semigradient:
             with torch.no_grad():
-                return self._b(X.detach(), t)
-        return self._b(X, t)
+                return guided_call(self._b, cond, X.detach(), t)
+        return guided_call(self._b, cond, X, t)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pyflowmap._tensors import expand_time
-from pyflowmap.objectives.base import Objective
+from pyflowmap.objectives.base import NO_CONDITION, Objective
 
 
 class MeanFlow(Objective):
@@ -20,6 +20,11 @@ class MeanFlow(Objective):
     matching, every per-sample loss l weighted adaptively by sg(1 / (l + eps)^p) (p = 1,
     eps = 1e-3 by default; p = 0 switches it off). The derivative mode is the objective's:
     dual (explicit tangent), torch.func.jvp or finite differences.
+
+    Conditioned with training guidance w, dI_s becomes the guided velocity
+    w dI_s + (1 - w) sg(v_{s,s}(I_s | null)) in both the target and the tangent (MeanFlow's
+    CFG training, their eq. 19 with kappa = 0): the conditional v_{s,t} learns the guided
+    average velocity, and one step samples the guided distribution.
     """
 
     name = "meanflow"
@@ -31,10 +36,11 @@ class MeanFlow(Objective):
             raise ValueError(f"MeanFlow: need adaptive_p >= 0 and adaptive_eps > 0, got {adaptive_p}, {adaptive_eps}")
         self.adaptive_p, self.adaptive_eps = adaptive_p, adaptive_eps
 
-    def offdiag_terms(self, flowmap, x0, x1, s, t, draws=None):
+    def offdiag_terms(self, flowmap, x0, x1, s, t, draws=None, cond=NO_CONDITION):
         xs = self.interpolant.interpolate(x0, x1, s)
-        d_i = self.interpolant.velocity_target(x0, x1, s)
-        v, dv = self.mode(flowmap).jvp(flowmap, xs, s, t, x_dot=d_i, s_dot=torch.ones_like(s), output="velocity")
+        d_i = self.guided_velocity(flowmap, xs, s, self.interpolant.velocity_target(x0, x1, s), cond)
+        v, dv = self.mode(flowmap).jvp(flowmap, xs, s, t, x_dot=d_i, s_dot=torch.ones_like(s), output="velocity",
+                                       **cond.kw)
         if not isinstance(dv, torch.Tensor):  # a deferred finite difference
             dv = dv.materialize()
         target = (d_i + expand_time(t - s, xs) * dv).detach()

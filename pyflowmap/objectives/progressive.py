@@ -6,7 +6,7 @@ import torch
 
 from pyflowmap._tensors import expand_time
 from pyflowmap.flowmap import FlowMap
-from pyflowmap.objectives.base import Objective, as_velocity, freeze
+from pyflowmap.objectives.base import NO_CONDITION, Objective, as_velocity, freeze, guided_call
 from pyflowmap.times import intermediate_time, psd_gamma
 
 
@@ -19,8 +19,8 @@ class EulerTeacher(torch.nn.Module):
             self.velocity_module = velocity
         self._b = as_velocity(velocity)
 
-    def velocity_field(self, x, s, t):
-        return self._b(x, s)
+    def velocity_field(self, x, s, t, cond=NO_CONDITION):
+        return guided_call(self._b, cond, x, s)
 
 
 class PSD(Objective):
@@ -45,16 +45,26 @@ class PSD(Objective):
     def draw_offdiag(self, n, generator, device, dtype):
         return {"g": psd_gamma(n, self.gamma, generator=generator, device=device, dtype=dtype)}
 
-    def offdiag_terms(self, flowmap, x0, x1, s, t, draws=None):
+    def teacher_jump(self, flowmap, x, s, t, cond):
+        """v_{s,t}(x) of the jump teacher given the rows' condition: the network itself (whose
+        conditional output is already the guided one under training guidance), or a frozen
+        teacher, guided from its conditional and null outputs."""
+        teacher = self.jump_teacher(flowmap)
+        if teacher is flowmap:
+            return flowmap.velocity_field(x, s, t, **cond.kw)
+        if isinstance(teacher, EulerTeacher):
+            return teacher.velocity_field(x, s, t, cond)
+        return guided_call(teacher.velocity_field, cond, x, s, t)
+
+    def offdiag_terms(self, flowmap, x0, x1, s, t, draws=None, cond=NO_CONDITION):
         g = draws["g"] if draws else psd_gamma(s.shape[0], self.gamma, device=s.device, dtype=s.dtype)
         u = intermediate_time(s, t, g)
         xs = self.interpolant.interpolate(x0, x1, s)
-        pred = flowmap.velocity_field(xs, s, t)
-        teacher = self.jump_teacher(flowmap)
+        pred = flowmap.velocity_field(xs, s, t, **cond.kw)
         with torch.no_grad():
-            v_su = teacher.velocity_field(xs, s, u)
+            v_su = self.teacher_jump(flowmap, xs, s, u, cond)
             x_u = xs + expand_time(u - s, xs) * v_su
-            v_ut = teacher.velocity_field(x_u, u, t)
+            v_ut = self.teacher_jump(flowmap, x_u, u, t, cond)
             gb = expand_time(g, xs)
             target = (1 - gb) * v_su + gb * v_ut
         return pred, target

@@ -12,7 +12,7 @@ from pyflowmap.interpolants import INTERPOLANTS, GaussianBase
 from pyflowmap.nn.mlp import ACTIVATIONS, FlowMapMLP
 from pyflowmap.objectives import DISTILLATION, SELF_DISTILLATION, LearnedWeighting, make_objective
 from pyflowmap.times import TimeSampler
-from pyflowmap.toy2d.data import DATASETS, sample_data
+from pyflowmap.toy2d.data import DATASETS, LABELLED, sample_data
 from pyflowmap.training.config import LoopConfig
 
 
@@ -23,6 +23,10 @@ class TrainConfig(LoopConfig):
     The paper's checker run is ``hidden=512, depth=4, batch=100_000, steps=150_000,
     lr_decay_after=35_000``; the demo keeps its recipe (RAdam, clip 10, EMA 0.999, sqrt decay)
     at a size that trains on 2 CPU cores in minutes.
+
+    ``conditional=True`` trains on a labelled toy (``8gaussians``: the component, ``moons``:
+    the half circle, ``checker``: the light square; :data:`pyflowmap.toy2d.data.LABELLED`) with
+    the loop's conditioning fields (``p_uncond``, ``guidance``, ``guidance_max``).
     """
 
     data: str = "checker"
@@ -57,6 +61,8 @@ class TrainConfig(LoopConfig):
             need(1 <= getattr(self, name) <= most, f"{name} must be in [1, {most}], got {getattr(self, name)}")
         need(self.emb_dim >= 2 and self.emb_dim % 2 == 0, f"emb_dim must be even and >= 2, got {self.emb_dim}")
         need(self.lr_decay_after >= 0, f"lr_decay_after must be >= 0, got {self.lr_decay_after}")
+        need(not self.conditional or self.data in LABELLED,
+             f"conditional runs need a labelled toy ({', '.join(LABELLED)}), got {self.data!r}")
 
 
 def data_statistics(cfg: TrainConfig, n: int = 100_000) -> torch.Tensor:
@@ -71,7 +77,9 @@ def build_base(cfg: TrainConfig, data_std: torch.Tensor) -> GaussianBase:
 
 def build_model(cfg: TrainConfig, data_std: torch.Tensor) -> FlowMap:
     net = FlowMapMLP(dim=2, hidden=cfg.hidden, depth=cfg.depth, emb_dim=cfg.emb_dim,
-                     activation=cfg.activation, data_std=float(data_std.mean()))
+                     activation=cfg.activation, data_std=float(data_std.mean()),
+                     num_classes=LABELLED[cfg.data] if cfg.conditional else None,
+                     guidance_input=cfg.conditional and cfg.guidance_max > 0)
     return FlowMap(net)
 
 
@@ -83,6 +91,7 @@ def build_objective(cfg: TrainConfig, flowmap: FlowMap, base: GaussianBase):
         derivative=make_mode(cfg.derivative, flowmap, fd_step=cfg.fd_step or None,
                              fd_dtype=torch.float64 if cfg.fd_dtype == "float64" else torch.float32),
         weighting=LearnedWeighting() if cfg.learned_weighting else None,
+        **cfg.conditioning(),
     )
     if cfg.objective == "esd":
         kwargs["spatial_stopgrad"] = cfg.spatial_stopgrad

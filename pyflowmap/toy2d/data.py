@@ -59,12 +59,56 @@ def spiral(n: int, generator=None, device=None, dtype=torch.float32, turns: floa
     return pts.to(dtype)
 
 
+def checker_labels(x: torch.Tensor) -> torch.Tensor:
+    """Which of the checker's 8 light 2 x 2 squares each point lies in (0..7, column-major)."""
+    a = (torch.floor(x[:, 0].double() / 2) + 2).clamp(0, 3).long()
+    b = (torch.floor(x[:, 1].double() / 2) + 2).clamp(0, 3).long()
+    return 2 * a + b // 2
+
+
+def _peek_labels(n: int, classes: int, generator, device) -> torch.Tensor:
+    """The component draw that opens the 8-Gaussians and moons samplers, without consuming it."""
+    state = generator.get_state() if generator is not None else torch.get_rng_state()
+    k = torch.randint(0, classes, (n,), generator=generator, device=device)
+    generator.set_state(state) if generator is not None else torch.set_rng_state(state)
+    return k
+
+
+def _labelled(name: str, n: int, generator, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # the same draws as the unlabelled sampler, in the same order, so a labelled sample is the
+    # unlabelled one plus its labels
+    if name == "8gaussians":
+        k = _peek_labels(n, 8, generator, device)
+        return eight_gaussians(n, generator=generator, device=device, dtype=dtype), k
+    if name == "moons":
+        upper = _peek_labels(n, 2, generator, device)
+        return two_moons(n, generator=generator, device=device, dtype=dtype), 1 - upper
+    x = checker(n, generator=generator, device=device, dtype=dtype)
+    return x, checker_labels(x)
+
+
 DATASETS: dict[str, Callable[..., torch.Tensor]] = {
     "checker": checker,
     "8gaussians": eight_gaussians,
     "moons": two_moons,
     "spiral": spiral,
 }
+
+
+# the labelled toys: the number of classes, each point's label being its mixture component
+# (8gaussians), its half circle (moons) or its light square (checker)
+LABELLED: dict[str, int] = {"8gaussians": 8, "moons": 2, "checker": 8}
+
+
+def sample_labelled(name: str, n: int, generator: torch.Generator | None = None, device=None,
+                    dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x [n, 2], labels [n])`` of a labelled toy (see ``LABELLED``); ``x`` is exactly
+    :func:`sample_data` of the same generator state."""
+    if name not in LABELLED:
+        raise ValueError(f"dataset {name!r} has no labels; labelled toys: {', '.join(LABELLED)}")
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    return _labelled(name, n, generator, device, dtype)
 
 
 def sample_data(name: str, n: int, generator: torch.Generator | None = None, device=None,

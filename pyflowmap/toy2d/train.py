@@ -8,7 +8,7 @@ import math
 import torch
 
 from pyflowmap.toy2d.config import TrainConfig, build_base, build_model, build_objective, data_statistics
-from pyflowmap.toy2d.data import sample_data
+from pyflowmap.toy2d.data import sample_data, sample_labelled
 from pyflowmap.training import TrainerBase
 
 
@@ -41,8 +41,11 @@ class Trainer(TrainerBase):
         a = self.cfg.lr_decay_after
         return 1.0 if a <= 0 or step < a else math.sqrt(a / max(step, 1))
 
-    def next_batch(self) -> torch.Tensor:
+    def next_batch(self):
         # the global batch is drawn on every rank (cheap 2D sampling), each keeps its rows
+        if self.cfg.conditional:
+            x1, c = sample_labelled(self.cfg.data, self.cfg.batch, generator=self.generator, device=self.device)
+            return self.shard_rows(x1), self.shard_rows(c)
         x1 = sample_data(self.cfg.data, self.cfg.batch, generator=self.generator, device=self.device)
         return self.shard_rows(x1)
 

@@ -36,6 +36,12 @@ class LoopConfig:
     ckpt_every: int = 500
     log_every: int = 50
     max_bad_steps: int = 50
+    # conditioning (docs/conditioning.md): a class-conditional model, condition dropout, and
+    # guidance in training, either one scale (1: none) or w ~ U[1, guidance_max] as an input
+    conditional: bool = False
+    p_uncond: float = 0.1
+    guidance: float = 1.0
+    guidance_max: float = 0.0
 
     def __post_init__(self):
         self.validate()
@@ -63,6 +69,22 @@ class LoopConfig:
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(self.grad_clip > 0, f"grad_clip must be positive, got {self.grad_clip}")
         need(0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}")
+        need(0 <= self.p_uncond < 1, f"p_uncond must be in [0, 1), got {self.p_uncond}")
+        need(self.guidance >= 0, f"guidance must be >= 0 (1: no guidance in training), got {self.guidance}")
+        need(self.guidance_max == 0 or self.guidance_max >= 1,
+             f"guidance_max must be 0 (off) or >= 1 (w ~ U[1, guidance_max]), got {self.guidance_max}")
+        guided = self.guidance != 1 or self.guidance_max > 0
+        need(not guided or self.conditional, "guidance and guidance_max train a conditional model: add --conditional")
+        need(not guided or self.p_uncond > 0, "guidance in training needs p_uncond > 0 (it uses the null prediction)")
+        need(not (self.guidance != 1 and self.guidance_max > 0),
+             "give guidance (one scale) or guidance_max (w as a network input), not both")
+
+    def conditioning(self) -> dict:
+        """The objective's conditioning keywords (``p_uncond``, ``guidance``, ``guidance_range``)."""
+        if not self.conditional:
+            return {}
+        return {"p_uncond": self.p_uncond, "guidance": None if self.guidance == 1 else self.guidance,
+                "guidance_range": (1.0, self.guidance_max) if self.guidance_max > 0 else None}
 
     def validate_fields(self) -> None:
         """The app's own checks (its objective names, model sizes, ...)."""

@@ -135,8 +135,9 @@ class TrainerBase:
         """The learning-rate multiplier at optimizer step ``step``."""
         return 1.0
 
-    def next_batch(self) -> torch.Tensor:
-        """This rank's rows of the next global data batch."""
+    def next_batch(self):
+        """This rank's rows of the next global data batch: ``x1``, or ``(x1, c)`` for a
+        conditional run (``c`` this rank's conditions of those rows)."""
         raise NotImplementedError
 
     def ema_decay(self) -> float:
@@ -151,7 +152,10 @@ class TrainerBase:
 
     def loss_output(self):
         """One batch's :class:`~pyflowmap.objectives.LossOutput` on this rank's rows."""
-        return self.objective(self.model, self.next_batch(), generator=self.generator, step=self.step,
+        batch = self.next_batch()
+        x1, c = batch if isinstance(batch, tuple) else (batch, None)
+        cond = {} if c is None else {"c": c}
+        return self.objective(self.model, x1, generator=self.generator, step=self.step, **cond,
                               **self.shard_args())
 
     @property
