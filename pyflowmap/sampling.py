@@ -213,7 +213,15 @@ def _velocity(model, c, w, guidance):
         return b
     if guidance is None:
         return lambda x, t: b(x, t, c=c)
-    null = cond_.null_condition(model, c) if cond_.is_conditional(model) else torch.zeros_like(c)
+    # a bound method (flowmap.velocity, net.forward) declares its condition through its owner
+    owner = getattr(model, "__self__", model)
+    if cond_.is_conditional(owner) or hasattr(cond_._inner(owner), "null_condition"):
+        null = cond_.null_condition(owner, c)
+    elif c.is_floating_point():
+        null = torch.zeros_like(c)
+    else:
+        raise TypeError("guidance with class labels needs the null class: give the velocity callable a "
+                        "num_classes attribute (its null class) or a null_condition(c) method")
 
     def guided(x, t):
         cc, xx, tt = cond_.doubled(c, null, x, t)

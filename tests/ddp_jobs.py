@@ -152,3 +152,85 @@ def worker(rank: int, world: int, port: int, jobs, data_path: str, teacher: str,
             torch.save(res, Path(out_path))
     finally:
         dist.destroy_process_group()
+
+
+# -- conditioning (issue 15): label dropout and training guidance under DDP ----------------------
+# Objective-level jobs (no trainer): a class-conditional float64 MLP, the global batch's labels
+# sharded with its rows, the dropout mask and the per-row guidance scales drawn over the global
+# batch. Each job: (objective, derivative mode, conditioning keywords).
+COND_CLASSES, COND_BATCH, COND_STEPS = 4, 12, 3
+JOBS_COND = [("lsd", "dual", {"p_uncond": 0.3, "guidance": 2.0}),
+             ("meanflow", "jvp", {"p_uncond": 0.3, "guidance_range": (1.0, 3.0)}),
+             ("esd", "fd", {"p_uncond": 0.4, "guidance": 1.5}),
+             ("psd-u", "auto", {"p_uncond": 0.5})]
+# the 2D trainer's labelled 8-Gaussians run, with dropout and guidance (as a scale and as an input)
+JOBS_COND_2D = [("lsd", "dual", {"data": "8gaussians", "conditional": True, "p_uncond": 0.3, "guidance": 2.0}),
+                ("meanflow", "jvp", {"data": "8gaussians", "conditional": True, "p_uncond": 0.3,
+                                     "guidance_max": 3.0})]
+
+
+def _cond_job(obj, mode, extra) -> dict:
+    from torch import nn
+
+    from pyflowmap import distributed as dist_
+    from pyflowmap.derivatives import FiniteDifference
+    from pyflowmap.flowmap import FlowMap
+    from pyflowmap.nn.mlp import FlowMapMLP
+    from pyflowmap.objectives import make_objective
+    from pyflowmap.times import TimeSampler
+
+    torch.manual_seed(0)
+    net = FlowMapMLP(dim=2, hidden=16, depth=2, emb_dim=8, num_classes=COND_CLASSES,
+                     guidance_input="guidance_range" in extra).double()
+    nn.init.normal_(net.head.weight, std=0.3)
+    nn.init.normal_(net.cond_emb.table.weight, std=1.0)
+    model = FlowMap(net)
+    derivative = FiniteDifference(dtype=torch.float64) if mode == "fd" else mode
+    objective = make_objective(obj, derivative=derivative, times=TimeSampler(diag_fraction=0.5), **extra)
+    init = _whole(model.state_dict())
+    shard = dist_.current_shard()
+    B = COND_BATCH
+    data_gen, gen = torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
+    batch = {}
+
+    def compute():
+        x1, c = batch["x1"], batch["c"]
+        if shard is None:
+            return objective(model, x1, generator=gen, c=c)
+        idx = shard.indices(B)
+        return objective(model, x1[idx], generator=gen, shard=shard, global_batch=B, c=c[idx])
+
+    step = dist_.wrap_ddp(model, objective, compute, torch.device("cpu")) if shard else None
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses, norms = [], []
+    for _ in range(COND_STEPS):
+        # labels include the null class: rows given no condition at all
+        batch["c"] = torch.randint(0, COND_CLASSES + 1, (B,), generator=data_gen)
+        batch["x1"] = torch.randn(B, 2, generator=data_gen, dtype=torch.float64) + batch["c"][:, None].double()
+        loss, metrics = step() if step is not None else (lambda o: (o.loss, o.metrics))(compute())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))))
+        opt.step()
+        losses.append(float(dist_.mean_over_ranks({"loss": loss.detach()})["loss"]))
+    return {"model": _whole(model.state_dict()), "ema": {}, "objective": _whole(objective.state_dict()),
+            "losses": losses, "grad_norms": norms, "skipped": 0, "init": init}
+
+
+def run_cond_jobs(jobs) -> dict:
+    return {job_name("cond", obj, mode, extra): _cond_job(obj, mode, extra) for obj, mode, extra in jobs}
+
+
+def cond_worker(rank: int, world: int, port: int, jobs, out_path: str) -> None:
+    """One gloo rank of the conditioning jobs; rank 0 saves the results."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        res = run_cond_jobs(jobs)
+        if rank == 0:
+            torch.save(res, Path(out_path))
+    finally:
+        dist.destroy_process_group()
