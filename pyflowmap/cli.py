@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pyflowmap.conditioning import num_classes
 from pyflowmap.sampling import draw
 from pyflowmap.toy2d.config import TrainConfig
 from pyflowmap.toy2d.evaluate import SAMPLERS, evaluate, format_table, load_model, to_json
@@ -52,11 +53,12 @@ def _overrides(args, cls=TrainConfig) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
 
 
-def _run_eval(run_dir: Path, steps, samplers, n: int, seed: int, use_ema: bool, out_dir: Path | None = None) -> dict:
+def _run_eval(run_dir: Path, steps, samplers, n: int, seed: int, use_ema: bool, out_dir: Path | None = None,
+              guidance: float | None = None) -> dict:
     from pyflowmap.toy2d.plots import plot_sample_grid
 
     model, base, cfg, state = load_model(run_dir, use_ema=use_ema)
-    report = evaluate(model, base, cfg.data, steps=steps, samplers=samplers, n=n, seed=seed)
+    report = evaluate(model, base, cfg.data, steps=steps, samplers=samplers, n=n, seed=seed, guidance=guidance)
     out_dir = out_dir or run_dir
     summary = to_json(report)
     summary.update({"objective": cfg.objective, "derivative": cfg.derivative, "train_steps": state["step"],
@@ -67,6 +69,10 @@ def _run_eval(run_dir: Path, steps, samplers, n: int, seed: int, use_ema: bool, 
                            title=f"{cfg.objective.upper()} on {cfg.data}, {state['step']} steps ({'EMA' if use_ema else 'raw'})")
     print(f"\n{cfg.objective.upper()} on {cfg.data}: {state['step']} training steps in {state['train_seconds']:.0f} s")
     print(format_table(report))
+    if report["conditional"]:
+        print(f"\nconditional samples for balanced labels, "
+              + ("no guidance at sampling" if guidance is None else f"guidance {guidance:g} at sampling") + ":")
+        print(format_table(report, "accuracy"))
     print(f"\nwrote {out_dir / 'metrics.json'} and {png}")
     return summary
 
@@ -136,6 +142,8 @@ def cmd_image_train(args) -> int:
 
 
 def cmd_image_eval(args) -> int:
+    import math
+
     from pyflowmap.images.evaluate import evaluate_model
     from pyflowmap.images.metrics import ImageEvaluator
     from pyflowmap.images.train import load_run
@@ -143,18 +151,36 @@ def cmd_image_eval(args) -> int:
     _positive(args, "n", "steps")
     run = Path(args.ckpt)
     model, cfg, state = load_run(run, use_ema=not args.no_ema, device=args.device)
+    scales = args.cfg_scale
+    if scales is not None:
+        if not cfg.conditional:
+            raise ValueError(f"--cfg-scale guides a class-conditional run; {run} is unconditional")
+        if any(not math.isfinite(g) or g < 0 for g in scales):
+            raise ValueError(f"--cfg-scale values must be finite and >= 0, got {scales}")
     evaluator = ImageEvaluator(cfg.dataset, device=args.device)
     out = Path(args.out) if args.out else run
     rows = evaluate_model(model, evaluator, steps=args.steps, samplers=args.samplers, n=args.n, seed=args.seed,
-                          device=args.device, grid_dir=out, name="samples")
+                          device=args.device, grid_dir=out, name="samples",
+                          guidance=tuple(scales) if scales is not None else (None,))
     summary = {"objective": cfg.objective, "dataset": cfg.dataset, "train_steps": state["step"],
                "train_seconds": state["train_seconds"], "skipped_steps": state["skipped"], "ema": not args.no_ema,
+               "conditional": cfg.conditional, "num_classes": state.get("num_classes") if cfg.conditional else None,
                "classifier": evaluator.info, "cfd_floor": evaluator.floor, "rows": rows, "config": cfg.to_dict()}
     atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
     print(f"{cfg.objective.upper()} on {cfg.dataset}, {state['step']} steps; classifier Frechet distance "
           f"(floor {evaluator.floor:.2f}, lower is better):")
-    for r in rows:
-        print(f"  {r['sampler']:12s} {r['steps']:3d} steps  CFD {r['cfd']:8.2f}  label entropy {r['label_entropy']:.2f}")
+    if cfg.conditional:
+        how = "as the network's input" if rows and rows[0]["guidance_as"] == "input" else "classifier-free, at sampling"
+        print(f"  class-conditional ({state.get('num_classes')} classes, balanced requested labels); cfg scale {how}, "
+              "'-': the conditional model alone; accuracy: classifier argmax == requested label")
+        for r in rows:
+            g = "-" if r["guidance"] is None else f"{r['guidance']:g}"
+            print(f"  {r['sampler']:12s} {r['steps']:3d} steps  cfg {g:>5s}  accuracy {r['accuracy']:.3f}  "
+                  f"CFD {r['cfd']:8.2f}  label entropy {r['label_entropy']:.2f}")
+    else:
+        for r in rows:
+            print(f"  {r['sampler']:12s} {r['steps']:3d} steps  CFD {r['cfd']:8.2f}  label entropy "
+                  f"{r['label_entropy']:.2f}")
     print(f"wrote {out / 'metrics.json'} and samples-*.png")
     return 0
 
@@ -162,7 +188,7 @@ def cmd_image_eval(args) -> int:
 def cmd_eval(args) -> int:
     _positive(args, "n", "steps")
     _run_eval(Path(args.ckpt), args.steps, args.samplers, args.n, args.seed, not args.no_ema,
-              Path(args.out) if args.out else None)
+              Path(args.out) if args.out else None, guidance=args.cfg_scale)
     return 0
 
 
@@ -178,7 +204,13 @@ def cmd_sample(args) -> int:
     _positive(args, "n", "steps")
     model, base, cfg, _ = load_model(Path(args.ckpt), use_ema=not args.no_ema)
     g = torch.Generator().manual_seed(args.seed)
-    x = draw(model, base.sample((args.n, 2), generator=g), args.sampler, args.steps)
+    k = num_classes(model)
+    if args.label is not None and (k is None or not 0 <= args.label <= k):
+        raise ValueError(f"--label must be in [0, {k}] ({k} is the null class)" if k is not None
+                         else "--label needs a conditional run (trained with --conditional)")
+    labels = None if k is None else torch.full((args.n,), k if args.label is None else args.label)
+    x = draw(model, base.sample((args.n, 2), generator=g), args.sampler, args.steps, c=labels,
+             guidance=args.cfg_scale)
     out = Path(args.out)
     if out.suffix == ".png":
         from pyflowmap.toy2d.plots import plot_sample_grid
@@ -251,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=65536)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="conditional runs: classifier-free guidance at sampling (default: none)")
     p.add_argument("--out", default=None, help="output directory (default: the run directory)")
     p.set_defaults(func=cmd_eval)
 
@@ -258,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--sampler", default="map", choices=SAMPLERS)
+    p.add_argument("--label", type=int, default=None,
+                   help="conditional runs: the class to sample (default: the null class, unconditional)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="conditional runs: classifier-free guidance at sampling (default: none)")
     p.add_argument("--n", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true")
@@ -281,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--cfg-scale", type=float, nargs="+", default=None,
+                   help="conditional runs: classifier-free guidance scales to sample at (1: none; a run trained with "
+                        "--guidance-max takes it as the network's input); default: the conditional model alone")
     p.add_argument("--out", default=None, help="output directory (default: the run directory)")
     p.set_defaults(func=cmd_image_eval)
     for p in sub.choices.values():  # `pyflowmap train --debug ...` works too (SUPPRESS keeps the top-level value)

@@ -27,6 +27,12 @@ class ImageConfig(LoopConfig):
     ``ect_stage`` is ECT's stage length d in steps (0 resolves, at construction, to a quarter of
     ``steps``, and is stored so that a resumed or extended run keeps its schedule). ``teacher``
     and ``init`` are stored as absolute paths.
+
+    ``conditional``: a class-conditional model on the dataset's labels (0..K-1, K = the
+    largest label + 1), the conditions dropped with probability ``p_uncond``; ``guidance`` (!= 1)
+    trains with classifier-free guidance at that scale (ECT tuning takes the null prediction
+    from the ``init`` run, its pretrained denoiser), ``guidance_max`` (> 0, flow-map
+    objectives) trains over w ~ U[1, guidance_max] given to the network as an input.
     """
 
     dataset: str = "mnist5k"
@@ -77,6 +83,12 @@ class ImageConfig(LoopConfig):
         need(self.image_size >= 0, f"image_size must be >= 0 (0: as stored), got {self.image_size}")
         need(not self.semigradient or self.objective in ("lmd", "emd"),
              f"semigradient applies to lmd and emd only, not {self.objective!r}")
+        if self.guidance != 1 and self.objective == "ect":
+            need(bool(self.init), "guidance in ECT tuning needs init= (the ect-pretrain run whose frozen "
+                                  "denoiser gives the null prediction)")
+        need(not (self.guidance_max > 0 and self.objective in CONSISTENCY),
+             f"guidance_max (w as a network input) is for flow-map objectives, not {self.objective!r}; "
+             "use guidance= (one scale)")
         # central differences call the network three times: three different dropout masks
         need(not (self.derivative == "fd" and self.dropout > 0),
              "derivative='fd' needs dropout=0 (each difference pass would draw its own dropout mask); "
@@ -87,10 +99,19 @@ class ImageConfig(LoopConfig):
         return self.objective in CONSISTENCY
 
 
-def build_image_model(cfg: ImageConfig, channels: int) -> FlowMap | EDMConsistency:
+def build_image_model(cfg: ImageConfig, channels: int, num_classes: int | None = None) -> FlowMap | EDMConsistency:
     """A :class:`UNetFlowMap` inside a :class:`FlowMap` (flow-map objectives, base N(0, I) at
     t = 0, data at t = 1) or inside an :class:`EDMConsistency` (ECT: EDM preconditioning, so
-    the net sees unit-scale inputs itself and gets ``data_std=1``)."""
+    the net sees unit-scale inputs itself and gets ``data_std=1``). A ``cfg.conditional`` run's
+    net is conditioned on ``num_classes`` classes (plus the null class), and also takes the
+    guidance scale as an input when ``cfg.guidance_max > 0``; ``num_classes`` is ignored for an
+    unconditional run."""
+    cond = {}
+    if cfg.conditional:
+        if num_classes is None or isinstance(num_classes, bool) or int(num_classes) < 1:
+            raise ValueError(f"a conditional image model needs num_classes >= 1 (the dataset's classes), "
+                             f"got {num_classes!r}")
+        cond = dict(num_classes=int(num_classes), guidance_input=cfg.guidance_max > 0)
     net = UNetFlowMap(channels, ch=cfg.ch, emb_dim=cfg.emb_dim, attention=cfg.attention, dropout=cfg.dropout,
-                      data_std=1.0 if cfg.consistency else 0.5)
+                      data_std=1.0 if cfg.consistency else 0.5, **cond)
     return EDMConsistency(net) if cfg.consistency else FlowMap(net)

@@ -155,19 +155,32 @@ def split(images: torch.Tensor, labels: torch.Tensor, held_out: float = 0.1, see
 
 class Batches:
     """Random minibatches (with replacement across batches, without within one) from a
-    fixed tensor, driven by a torch.Generator so runs resume exactly."""
+    fixed tensor, driven by a torch.Generator so runs resume exactly. With ``labels`` ``[N]``
+    (a conditional run) a call returns ``(images, labels)`` of the same rows; the draws are
+    the same with or without labels."""
 
-    def __init__(self, images: torch.Tensor, device: str | torch.device = "cpu"):
+    def __init__(self, images: torch.Tensor, device: str | torch.device = "cpu", labels: torch.Tensor | None = None):
         if images.dim() != 4 or images.shape[0] == 0:
             raise ValueError(f"Batches: need a non-empty [N, C, H, W] tensor, got {tuple(images.shape)}")
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.shape != (images.shape[0],) \
+                    or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise ValueError(f"Batches: labels must be an integer tensor [N={images.shape[0]}], got "
+                                 f"{getattr(labels, 'dtype', type(labels).__name__)} "
+                                 f"{tuple(getattr(labels, 'shape', ()))}")
+            labels = labels.long().to(device)
         self.images = images.to(device)
+        self.labels = labels
 
-    def __call__(self, batch: int, generator: torch.Generator, shard=None) -> torch.Tensor:
-        """A batch of ``batch`` images; with a :class:`~pyflowmap.distributed.Shard`, only
-        this rank's rows of it (the indices are drawn for the whole batch)."""
+    def __call__(self, batch: int, generator: torch.Generator, shard=None):
+        """A batch of ``batch`` images (and their labels); with a
+        :class:`~pyflowmap.distributed.Shard`, only this rank's rows of it (the indices are
+        drawn for the whole batch)."""
         n = self.images.shape[0]
         idx = torch.randperm(n, generator=generator, device=generator.device)[:batch] if batch <= n else \
             torch.randint(n, (batch,), generator=generator, device=generator.device)
         if shard is not None:
             idx = idx[shard.indices(batch, device=idx.device)]
-        return self.images[idx.to(self.images.device)]
+        idx = idx.to(self.images.device)
+        x = self.images[idx]
+        return x if self.labels is None else (x, self.labels[idx])

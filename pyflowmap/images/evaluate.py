@@ -1,6 +1,7 @@
 """Sampling and scoring image runs: flow-map jumps, the Euler ODE of the diagonal velocity and
 the multistep consistency sampler, each at several step counts, scored by the classifier
-Frechet distance, with PNG sample grids."""
+Frechet distance, with PNG sample grids; class-conditional models on balanced requested labels,
+also scored by the accuracy on them, with and without classifier-free guidance."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from pyflowmap import conditioning as cond_
 from pyflowmap.consistency import EDMConsistency
 from pyflowmap.flowmap import FlowMap
 from pyflowmap.images.metrics import ImageEvaluator
@@ -23,13 +25,24 @@ def default_samplers(model) -> tuple[str, ...]:
 
 @torch.no_grad()
 def generate(model, sampler: str, steps: int, n: int, shape, seed: int = 0, device="cpu",
-             chunk: int = 500) -> torch.Tensor:
+             chunk: int = 500, labels: torch.Tensor | None = None, guidance: float | None = None,
+             w: float | None = None) -> torch.Tensor:
     """``n`` images ``[n, *shape]`` from ``sampler`` with ``steps`` network calls per image
     (Euler ODE: ``steps`` velocity calls). The same ``seed`` gives the same starting noise for
-    every sampler and step count, so grids line up. Returns CPU float32."""
+    every sampler and step count, so grids line up. Returns CPU float32.
+
+    A conditional model: ``labels`` ``[n]``, the class of each image (None: the null class,
+    i.e. the unconditional model); ``guidance``: classifier-free guidance at sampling (each
+    network call on the doubled batch [c; null]); ``w``: the guidance scale as the network's
+    input (a model trained with ``guidance_max``). Guided calls cost twice the compute."""
     name = sampler_name(sampler)
     if n < 1 or steps < 1:
         raise ValueError(f"need n >= 1 and steps >= 1, got n={n}, steps={steps}")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.shape != (n,):
+            raise ValueError(f"labels must be a tensor [n={n}], got "
+                             f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        labels = labels.to(device)
     is_cm = isinstance(model, EDMConsistency)
     if is_cm != (name == "consistency"):
         raise ValueError(f"sampler {sampler!r} does not fit a {type(model).__name__}")
@@ -40,7 +53,8 @@ def generate(model, sampler: str, steps: int, n: int, shape, seed: int = 0, devi
     out = []
     for i in range(0, n, chunk):
         z = z_all[i:i + chunk]
-        x = draw(model, z, sampler, steps, generator=g_renoise)
+        c = None if labels is None else labels[i:i + chunk]
+        x = draw(model, z, sampler, steps, generator=g_renoise, c=c, guidance=guidance, w=w)
         out.append(x.float().cpu())
     return torch.cat(out)
 
@@ -73,13 +87,42 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = N
     return path
 
 
+def class_grid(images: torch.Tensor, num_classes: int, cols: int = 8) -> tuple[torch.Tensor, int]:
+    """The images of a balanced draw (image i of class ``i % num_classes``) reordered one class
+    per row, ``cols`` per row (fewer when there are fewer): ``(images, nrow)``."""
+    n = images.shape[0]
+    rows = min(num_classes, n)
+    cols = max(1, min(cols, n // num_classes))
+    idx = [k + j * num_classes for k in range(rows) for j in range(cols)]
+    return images[idx], cols
+
+
 def evaluate_model(model: FlowMap | EDMConsistency, evaluator: ImageEvaluator, steps=(1, 2, 4, 8),
                    samplers=None, n: int = 2000, seed: int = 0, device="cpu", grid_dir: str | Path | None = None,
-                   grid_n: int = 64, name: str = "samples") -> list[dict]:
+                   grid_n: int = 64, name: str = "samples", guidance=(None,), grid_cols: int = 8) -> list[dict]:
     """Score ``model`` at every (sampler, steps): rows ``{"sampler", "steps", "cfd",
     "label_entropy", "confidence", "n", "sample_seconds"}``. With ``grid_dir`` also writes
-    ``{name}-{sampler}-{k}step.png`` (the first ``grid_n`` samples)."""
+    ``{name}-{sampler}-{k}step.png`` (the first ``grid_n`` samples).
+
+    A class-conditional model is sampled on balanced requested labels (image i of class
+    ``i % K``) at every (sampler, guidance, steps), ``guidance`` being the sampling guidance
+    scales (None: the conditional model alone): classifier-free guidance from the doubled
+    batch, or for a model that takes the guidance scale as an input (trained with
+    ``guidance_max``) that input. Its rows add ``"guidance"``, ``"guidance_as"`` ("sampling" or
+    "input") and ``"accuracy"`` (the classifier's argmax equal to the requested label); its
+    grids show one class per row, ``grid_cols`` per class, named
+    ``{name}-{sampler}-cfg{g}-{k}step.png`` for a guidance scale g."""
     samplers = samplers or default_samplers(model)
+    if guidance is None or isinstance(guidance, (int, float)):
+        guidance = (guidance,)
+    guidance = tuple(cond_.check_guidance("guidance", g) for g in guidance)
+    k_classes = cond_.num_classes(model)
+    if k_classes is not None:
+        return _evaluate_conditional(model, evaluator, steps, samplers, n, seed, device, grid_dir, name, guidance,
+                                     k_classes, grid_cols)
+    if any(g is not None for g in guidance):
+        raise ValueError("guidance (classifier-free guidance at sampling) needs a class-conditional model; "
+                         f"this {type(model).__name__} is unconditional")
     rows = []
     for sampler in samplers:
         for k in steps:
@@ -89,4 +132,26 @@ def evaluate_model(model: FlowMap | EDMConsistency, evaluator: ImageEvaluator, s
             rows.append({"sampler": sampler, "steps": int(k), **evaluator(x), "sample_seconds": secs})
             if grid_dir is not None:
                 save_image_grid(x[:grid_n], Path(grid_dir) / f"{name}-{sampler}-{k}step.png")
+    return rows
+
+
+def _evaluate_conditional(model, evaluator, steps, samplers, n, seed, device, grid_dir, name, guidance, k_classes,
+                          grid_cols) -> list[dict]:
+    labels = torch.arange(n) % k_classes
+    as_input = cond_.takes_guidance(model)
+    rows = []
+    for sampler in samplers:
+        for g in guidance:
+            kw = {"w": g} if as_input else {"guidance": g}
+            for k in steps:
+                t0 = time.perf_counter()
+                x = generate(model, sampler, k, n, evaluator.shape, seed=seed, device=device, labels=labels, **kw)
+                secs = time.perf_counter() - t0
+                rows.append({"sampler": sampler, "steps": int(k), "guidance": g,
+                             "guidance_as": "input" if as_input else "sampling", **evaluator(x, labels),
+                             "sample_seconds": secs})
+                if grid_dir is not None:
+                    tag = "" if g is None else f"cfg{g:g}-"
+                    grid, nrow = class_grid(x, k_classes, grid_cols)
+                    save_image_grid(grid, Path(grid_dir) / f"{name}-{sampler}-{tag}{k}step.png", nrow=nrow)
     return rows

@@ -2,7 +2,8 @@
 images in the feature space of pyflowmap's own classifier ("classifier Frechet distance", CFD;
 not FID: different features, different data, not comparable with published FIDs), and the
 classifier's label entropy over samples (diversity: log 10 = 2.303 when all ten digits are
-equally frequent)."""
+equally frequent), and for class-conditional samples the accuracy on the requested labels (the
+classifier's argmax equal to the class each sample was drawn for)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ class ImageEvaluator:
 
     ``evaluator(samples)`` -> ``{"cfd", "label_entropy", "confidence", "n"}``; samples outside
     [-1, 1] are clipped first (what a PNG of them shows); non-finite samples raise.
+    ``evaluator(samples, labels)`` (the classes the samples were drawn for, ``[N]``) adds
+    ``"accuracy"``: the share whose classifier argmax is the requested label.
     ``evaluator.info`` has the classifier's held-out accuracy and ``evaluator.floor`` the CFD
     between two disjoint halves of the real data (what a perfect generator would score at
     that sample size).
@@ -83,7 +86,17 @@ class ImageEvaluator:
                           for i in range(0, images.shape[0], chunk)])
 
     @torch.no_grad()
-    def __call__(self, samples: torch.Tensor) -> dict:
+    def __call__(self, samples: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        if labels is not None:
+            classes = self.model.head.out_features
+            if not isinstance(labels, torch.Tensor) or labels.shape != (samples.shape[0],) \
+                    or labels.is_floating_point() or labels.dtype == torch.bool:
+                raise ValueError(f"ImageEvaluator: labels must be integer class indices [N={samples.shape[0]}], got "
+                                 f"{getattr(labels, 'dtype', type(labels).__name__)} "
+                                 f"{tuple(getattr(labels, 'shape', ()))}")
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+                raise ValueError(f"ImageEvaluator: labels must lie in [0, {classes}) (the classifier's classes), got "
+                                 f"[{int(labels.min())}, {int(labels.max())}]")
         if tuple(samples.shape[1:]) != self.shape:
             raise ValueError(f"ImageEvaluator: samples must be [N, {', '.join(map(str, self.shape))}], "
                              f"got {tuple(samples.shape)}")
@@ -93,5 +106,8 @@ class ImageEvaluator:
         feats = self.features(x)
         probs = torch.cat([torch.softmax(self.model.head(feats[i:i + 4096].to(self.device)), -1).cpu()
                            for i in range(0, feats.shape[0], 4096)])
-        return {"cfd": frechet_distance(feats, self.real), "label_entropy": label_entropy(probs),
-                "confidence": float(probs.max(1).values.mean()), "n": int(samples.shape[0])}
+        out = {"cfd": frechet_distance(feats, self.real), "label_entropy": label_entropy(probs),
+               "confidence": float(probs.max(1).values.mean()), "n": int(samples.shape[0])}
+        if labels is not None:
+            out["accuracy"] = float((probs.argmax(1) == labels.cpu().long()).double().mean())
+        return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import time
 import warnings
@@ -337,7 +338,10 @@ class TrainerBase:
         state = load_checkpoint(Path(out_dir) / CHECKPOINT)
         allowed = set(cls.resume_overrides)
         # restating a stored value is harmless (a command line repeated with --resume)
-        bad = {k for k, v in overrides.items() if k not in allowed and state["config"].get(k, object()) != v}
+        # a field the checkpoint predates holds its default
+        stored = {**{f.name: f.default for f in dataclasses.fields(cls.config_cls)
+                     if f.default is not dataclasses.MISSING}, **state["config"]}
+        bad = {k for k, v in overrides.items() if k not in allowed and stored.get(k, object()) != v}
         if bad:
             raise ValueError(f"cannot change {sorted(bad)} when resuming (allowed: {sorted(allowed)})")
         cfg = cls.config_cls.from_dict({**state["config"], **overrides})
