@@ -30,6 +30,30 @@ def test_train_resume_eval_sample(tmp_path, capsys):
     assert torch.load(tmp_path / "x.pt", weights_only=True).shape == (50, 2)
 
 
+def test_conditional_2d_train_eval_sample(tmp_path, capsys):
+    run = tmp_path / "cond"
+    assert main(["train", "--out", str(run), "--steps", "3", "--data", "8gaussians", "--conditional",
+                 "--guidance", "2", *TINY]) == 0
+    assert main(["eval", "--ckpt", str(run), "--steps", "1", "--n", "512", "--samplers", "map",
+                 "--cfg-scale", "1.5"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy (higher is better)" in out and "guidance 1.5 at sampling" in out
+    acc = json.loads((run / "metrics.json").read_text())["results"]["map"]["1"]["accuracy"]
+    assert 0 <= acc <= 1
+    x = tmp_path / "x.pt"
+    assert main(["sample", "--ckpt", str(run), "--label", "3", "--cfg-scale", "2", "--n", "20", "--out", str(x)]) == 0
+    assert torch.load(x, weights_only=True).shape == (20, 2)
+    # bad input is exit 2 with a message: a label beyond the null class, a toy without labels,
+    # guidance at sampling for an unconditional run
+    assert main(["sample", "--ckpt", str(run), "--label", "9", "--out", str(x)]) == 2
+    assert "--label must be in [0, 8]" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "s"), "--data", "spiral", "--conditional", *TINY]) == 2
+    assert "labelled toy" in capsys.readouterr().err
+    plain = tmp_path / "plain"
+    assert main(["train", "--out", str(plain), "--steps", "1", *TINY]) == 0
+    assert main(["eval", "--ckpt", str(plain), "--n", "64", "--cfg-scale", "2"]) == 2
+
+
 def test_demo_runs_and_prints_the_table(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--n", "1000", *TINY]) == 0
     out = capsys.readouterr().out
