@@ -5,6 +5,7 @@ stacked ``[x; x_dot]``; models built from them return ``(v, v_dot)`` when given 
 """
 
 from pyflowmap.nn.attention import Attention
+from pyflowmap.nn.dit import DiTFlowMap, dit_preset
 from pyflowmap.nn.embeddings import SinusoidalEmbedding
 from pyflowmap.nn.functional import reference_ops
 from pyflowmap.nn.layers import (GELU, Activation, Conv2d, DualModule, GroupNorm, LayerNorm, Linear, RMSNorm,
@@ -13,7 +14,7 @@ from pyflowmap.nn.mlp import FlowMapMLP
 from pyflowmap.nn.unet import AttnBlock, ResBlock, UNetFlowMap
 
 __all__ = [
-    "Activation", "Attention", "AttnBlock", "Conv2d", "DualModule", "FlowMapMLP", "GELU", "GroupNorm",
+    "Activation", "Attention", "AttnBlock", "Conv2d", "DiTFlowMap", "DualModule", "FlowMapMLP", "GELU", "GroupNorm",
     "LayerNorm", "Linear", "RMSNorm", "ResBlock", "Sequential", "SiLU", "SinusoidalEmbedding",
-    "UNetFlowMap", "modulate", "reference_ops", "stack",
+    "UNetFlowMap", "dit_preset", "modulate", "reference_ops", "stack",
 ]
