@@ -189,3 +189,30 @@ class ConditionEmbedding(nn.Module):
         elif w is not None:
             raise TypeError("this network does not take the guidance scale w as an input (guidance_input=False)")
         return e
+
+
+class Conditioned:
+    """What pyflowmap's networks share about their condition (a mixin before ``nn.Module``):
+    an optional :class:`ConditionEmbedding` in ``cond_emb``, the attributes the contract reads
+    (``num_classes``, ``cond_shape``, ``guidance_input``) and the embedding of ``(c, w)``."""
+
+    def _init_condition(self, emb_dim: int, num_classes, cond_shape, guidance_input: bool) -> bool:
+        """Builds ``cond_emb`` (None for an unconditional net); returns whether it is conditional."""
+        conditional = num_classes is not None or cond_shape is not None
+        if guidance_input and not conditional:
+            raise ValueError("guidance_input=True needs a conditional network (num_classes or cond_shape)")
+        self.cond_emb = ConditionEmbedding(emb_dim, num_classes, cond_shape, guidance_input) if conditional else None
+        return conditional
+
+    num_classes = property(lambda self: None if self.cond_emb is None else self.cond_emb.num_classes)
+    cond_shape = property(lambda self: None if self.cond_emb is None else self.cond_emb.cond_shape)
+    guidance_input = property(lambda self: self.cond_emb is not None and self.cond_emb.guidance_input)
+
+    def _condition(self, x, c, w) -> list:
+        """``[embedding [B, emb_dim]]`` of ``(c, w)``, or ``[]`` for an unconditional net."""
+        if self.cond_emb is None:
+            if c is not None or w is not None:
+                raise TypeError(f"this {type(self).__name__} is unconditional: build it with num_classes= or "
+                                "cond_shape= to pass c")
+            return []
+        return [self.cond_emb(c, x.shape[0], w, dtype=x.dtype, device=x.device)]

@@ -8,7 +8,7 @@ from numbers import Integral, Real
 import torch
 from torch import nn
 
-from pyflowmap.conditioning import ConditionEmbedding
+from pyflowmap.conditioning import Conditioned
 from pyflowmap.nn import functional as DF
 from pyflowmap.nn.attention import Attention
 from pyflowmap.nn.embeddings import SinusoidalEmbedding, time_tangents
@@ -150,7 +150,7 @@ def _image_size(image_size):
     return n, n
 
 
-class DiTFlowMap(nn.Module):
+class DiTFlowMap(Conditioned, nn.Module):
     """v_{s,t}(x) for images ``[B, channels, H, W]`` with a Diffusion Transformer.
 
     ``patch x patch`` patches (a strided convolution) plus a position embedding (``"sincos"``:
@@ -207,9 +207,7 @@ class DiTFlowMap(nn.Module):
         if isinstance(data_std, bool) or not isinstance(data_std, Real) or not data_std > 0 \
                 or not math.isfinite(data_std):
             raise ValueError(f"data_std must be a positive number, got {data_std!r}")
-        conditional = num_classes is not None or cond_shape is not None
-        if guidance_input and not conditional:
-            raise ValueError("guidance_input=True needs a conditional network (num_classes or cond_shape)")
+        conditional = self._init_condition(emb_dim, num_classes, cond_shape, guidance_input)
 
         self.image_size, self.channels, self.patch = (h, w), channels, patch
         self.width, self.depth, self.heads = width, depth, heads
@@ -217,7 +215,6 @@ class DiTFlowMap(nn.Module):
         tokens = self.grid[0] * self.grid[1]
 
         self.emb_s, self.emb_dt = SinusoidalEmbedding(emb_dim), SinusoidalEmbedding(emb_dim)
-        self.cond_emb = ConditionEmbedding(emb_dim, num_classes, cond_shape, guidance_input) if conditional else None
         self.cond = Sequential(Linear((3 if conditional else 2) * emb_dim, width), Activation("silu"),
                                Linear(width, width))
         self.cond_act = Activation("silu")  # SiLU(cond), shared by every AdaLN
@@ -231,10 +228,6 @@ class DiTFlowMap(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(width, heads, width, mlp_ratio, qk_norm, dropout) for _ in range(depth))
         self.final = FinalLayer(width, width, patch * patch * channels)
         self.register_buffer("data_std", torch.tensor(float(data_std)))
-
-    num_classes = property(lambda self: None if self.cond_emb is None else self.cond_emb.num_classes)
-    cond_shape = property(lambda self: None if self.cond_emb is None else self.cond_emb.cond_shape)
-    guidance_input = property(lambda self: self.cond_emb is not None and self.cond_emb.guidance_input)
 
     # -- shapes ------------------------------------------------------------------------------------
 
@@ -263,13 +256,6 @@ class DiTFlowMap(nn.Module):
         (gh, gw), p, c = self.grid, self.patch, self.channels
         y = y.reshape(y.shape[0], gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return y.reshape(y.shape[0], c, gh * p, gw * p)
-
-    def _condition(self, x, c, w):
-        if self.cond_emb is None:
-            if c is not None or w is not None:
-                raise TypeError("this DiTFlowMap is unconditional: build it with num_classes= or cond_shape= to pass c")
-            return []
-        return [self.cond_emb(c, x.shape[0], w, dtype=x.dtype, device=x.device)]
 
     # -- forward -----------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pyflowmap.conditioning import ConditionEmbedding
+from pyflowmap.conditioning import Conditioned
 from pyflowmap.nn.embeddings import SinusoidalEmbedding, time_tangents
 from pyflowmap.nn.functional import split
 from pyflowmap.nn.layers import Activation, Linear, Sequential, stack
@@ -13,7 +13,7 @@ from pyflowmap.nn.layers import Activation, Linear, Sequential, stack
 ACTIVATIONS = ("gelu", "silu")
 
 
-class FlowMapMLP(nn.Module):
+class FlowMapMLP(Conditioned, nn.Module):
     """v_{s,t}(x) = sigma_d * MLP([x / sigma_d, emb(s), emb(t - s)]).
 
     The paper's conditioning: positional embeddings of s and of the jump t - s, input and
@@ -45,10 +45,7 @@ class FlowMapMLP(nn.Module):
         self.emb_s = SinusoidalEmbedding(emb_dim)
         self.emb_dt = SinusoidalEmbedding(emb_dim)
         layers: list[nn.Module] = []
-        conditional = num_classes is not None or cond_shape is not None
-        if guidance_input and not conditional:
-            raise ValueError("guidance_input=True needs a conditional network (num_classes or cond_shape)")
-        self.cond_emb = ConditionEmbedding(emb_dim, num_classes, cond_shape, guidance_input) if conditional else None
+        conditional = self._init_condition(emb_dim, num_classes, cond_shape, guidance_input)
         width = dim + (3 if conditional else 2) * emb_dim
         for _ in range(depth):
             layers += [Linear(width, hidden), Activation(activation)]
@@ -58,17 +55,6 @@ class FlowMapMLP(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.register_buffer("data_std", torch.as_tensor(data_std, dtype=torch.float32).clone())
-
-    num_classes = property(lambda self: None if self.cond_emb is None else self.cond_emb.num_classes)
-    cond_shape = property(lambda self: None if self.cond_emb is None else self.cond_emb.cond_shape)
-    guidance_input = property(lambda self: self.cond_emb is not None and self.cond_emb.guidance_input)
-
-    def _condition(self, x, c, w):
-        if self.cond_emb is None:
-            if c is not None or w is not None:
-                raise TypeError("this FlowMapMLP is unconditional: build it with num_classes= or cond_shape= to pass c")
-            return []
-        return [self.cond_emb(c, x.shape[0], w, dtype=x.dtype, device=x.device)]
 
     def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, c=None, w=None, tangents=None):
         """``x`` ``[B, dim]``, ``s``, ``t`` ``[B]`` (``c``, ``w``: the condition and guidance

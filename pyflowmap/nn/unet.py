@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyflowmap.conditioning import ConditionEmbedding
+from pyflowmap.conditioning import Conditioned
 from pyflowmap.nn import functional as DF
 from pyflowmap.nn.attention import Attention
 from pyflowmap.nn.embeddings import SinusoidalEmbedding, time_tangents
@@ -74,7 +74,7 @@ class AttnBlock(DualModule):
         return xx + self.attn.dual(self._tokens(self.norm.dual(xx))).transpose(1, 2).reshape(xx.shape)
 
 
-class UNetFlowMap(nn.Module):
+class UNetFlowMap(Conditioned, nn.Module):
     """v_{s,t}(x) for images ``[B, C, H, W]`` with H, W divisible by 4.
 
     Two resolutions (``ch``, ``2 ch``) with a residual block each, a middle of
@@ -97,10 +97,7 @@ class UNetFlowMap(nn.Module):
         cd = 4 * emb_dim
         self.channels = channels
         self.emb_s, self.emb_dt = SinusoidalEmbedding(emb_dim), SinusoidalEmbedding(emb_dim)
-        conditional = num_classes is not None or cond_shape is not None
-        if guidance_input and not conditional:
-            raise ValueError("guidance_input=True needs a conditional network (num_classes or cond_shape)")
-        self.cond_emb = ConditionEmbedding(emb_dim, num_classes, cond_shape, guidance_input) if conditional else None
+        conditional = self._init_condition(emb_dim, num_classes, cond_shape, guidance_input)
         self.cond = Sequential(Linear((3 if conditional else 2) * emb_dim, cd), Activation("silu"), Linear(cd, cd))
         self.inp = Conv2d(channels, ch, 3, padding=1)
         self.down1 = ResBlock(ch, ch, cd, groups, dropout)
@@ -136,17 +133,6 @@ class UNetFlowMap(nn.Module):
         u = call(self.up2, torch.cat([up(m), h2], 1), c)
         u = call(self.up1, torch.cat([up(u), h1], 1), c)
         return call(self.out, call(self.out_act, call(self.out_norm, u)))
-
-    num_classes = property(lambda self: None if self.cond_emb is None else self.cond_emb.num_classes)
-    cond_shape = property(lambda self: None if self.cond_emb is None else self.cond_emb.cond_shape)
-    guidance_input = property(lambda self: self.cond_emb is not None and self.cond_emb.guidance_input)
-
-    def _condition(self, x, c, w):
-        if self.cond_emb is None:
-            if c is not None or w is not None:
-                raise TypeError("this UNetFlowMap is unconditional: build it with num_classes= or cond_shape= to pass c")
-            return []
-        return [self.cond_emb(c, x.shape[0], w, dtype=x.dtype, device=x.device)]
 
     def forward(self, x, s, t, c=None, w=None, tangents=None):
         self._check(x)
