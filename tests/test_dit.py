@@ -36,16 +36,15 @@ def _plain_layer_norm(self, x):
 
 @pytest.fixture
 def math_layer_norm(monkeypatch):
-    """LayerNorm in plain ops for the jvp reference of parameter gradients: reverse mode through
-    the forward-AD tangent of the native ``F.layer_norm`` is wrong (its saved mean / rstd carry no
-    autograd history; cf. pytorch/pytorch#196700), so ``derivative="jvp"`` over a native
-    LayerNorm is not a trustworthy reference for the gradients (the tangents themselves are right)."""
+    """An independent jvp reference for LayerNorm: forward-AD through plain ops instead of the
+    layer's own jvp rule (forward_ad.LayerNormFn, which is the dual formula under test)."""
     monkeypatch.setattr(pnn.LayerNorm, "forward", _plain_layer_norm)
 
 
-def test_native_layer_norm_is_why_the_jvp_reference_needs_plain_ops():
-    """The upstream hazard the fixture works around: the dual LayerNorm's gradients equal those of
-    a plain-ops jvp; the native one's differ (skips once PyTorch fixes it)."""
+def test_native_layer_norm_is_why_layer_norm_has_its_own_jvp_rule():
+    """The upstream hazard pf.nn.LayerNorm's primal jvp rule (forward_ad.LayerNormFn) fixes: the
+    dual LayerNorm's gradients and those of torch.func.jvp over pf.nn.LayerNorm equal those of a
+    plain-ops jvp; the native F.layer_norm's differ (skips once PyTorch fixes it)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 6, generator=g, dtype=F64, requires_grad=True)
     x, xd, c1, c2 = (torch.randn(4, 6, generator=g, dtype=F64) for _ in range(4))
@@ -59,8 +58,10 @@ def test_native_layer_norm_is_why_the_jvp_reference_needs_plain_ops():
     dual = pnn.LayerNorm(6, elementwise_affine=False).double().dual(torch.cat([x @ w.T, xd @ w.T]))
     want = torch.autograd.grad((dual[:4] * c1).sum() + (dual[4:] * c2).sum(), w)[0]
     torch.testing.assert_close(plain, want, rtol=1e-9, atol=1e-11)  # dual == plain-ops jvp
-    if (grad(ln) - want).abs().max() < 1e-8:
-        pytest.skip("reverse-over-forward of the native layer_norm is right now: math_layer_norm can go")
+    torch.testing.assert_close(grad(ln), want, rtol=1e-9, atol=1e-11)  # pf.nn.LayerNorm under jvp
+    native = lambda z: torch.nn.functional.layer_norm(z, (6,), eps=ln.eps)  # noqa: E731
+    if (grad(native) - want).abs().max() < 1e-8:
+        pytest.skip("reverse-over-forward of the native layer_norm is right now: LayerNormFn can go")
 
 
 def perturb(net, std=0.2, seed=0):
@@ -170,6 +171,21 @@ def test_objective_gradients_dual_match_jvp(math_sdpa, math_layer_norm, objectiv
         if a is None or b is None:
             assert (a is None or a.abs().max() == 0) and (b is None or b.abs().max() == 0)
         else:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_jvp_mode_gradients_over_the_layers_own_rules():
+    """derivative="jvp" as a user runs it (no patched reference): the layers' own jvp rules give
+    the dual mode's gradients, LayerNorm included (the native one's would be wrong)."""
+    fm = pf.FlowMap(tiny("none"))
+    x1 = rand(3, 2, 8, 8)
+    out = {}
+    for mode in ("jvp", "dual"):
+        obj = pf.make_objective("lsd", derivative=mode, times=pf.TimeSampler(diag_fraction=0.0))
+        loss = obj(fm, x1, generator=torch.Generator().manual_seed(0)).loss
+        out[mode] = torch.autograd.grad(loss, list(fm.parameters()), allow_unused=True)
+    for a, b in zip(out["dual"], out["jvp"]):
+        if a is not None and b is not None:
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import pyflowmap as pf
-from pyflowmap.nn.forward_ad import ActivationFn, AttentionFn
+from pyflowmap.nn.forward_ad import ActivationFn, AttentionFn, LayerNormFn
 from pyflowmap.reference import math_attention
 from tests.helpers import rand
 
@@ -35,6 +35,55 @@ def test_attention_function_forward_and_reverse_ad(causal):
 def test_activation_function_forward_and_reverse_ad(kind):
     z = (3 * rand(4, 5)).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: ActivationFn.apply(x, kind), (z,), check_forward_ad=True)
+
+
+def _plain_layer_norm(z, weight, bias, eps):
+    c = z - z.mean(-1, keepdim=True)
+    y = c * torch.rsqrt((c * c).mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight + bias
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_layer_norm_function_ad(affine):
+    x = rand(3, 2, 5).requires_grad_()
+    w, b = (rand(5, seed=1).requires_grad_(), rand(5, seed=2).requires_grad_()) if affine else (None, None)
+    f = lambda *a: LayerNormFn.apply(a[0], (5,), *(a[1:] if affine else (None, None)), 1e-5)  # noqa: E731
+    ins = (x, w, b) if affine else (x,)
+    assert torch.autograd.gradcheck(f, ins, check_forward_ad=True, check_backward_ad=True)
+    assert torch.autograd.gradgradcheck(f, ins)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_layer_norm_reverse_through_the_tangent(affine):
+    """The reason LayerNormFn exists: gradients of a loss on the jvp tangent equal those of a
+    plain-ops LayerNorm (the native F.layer_norm's are wrong, see test_dit)."""
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(6, 6, generator=g, dtype=F64, requires_grad=True)
+    x, xd, c1, c2 = (torch.randn(4, 6, generator=g, dtype=F64) for _ in range(4))
+    ln = pf.nn.LayerNorm(6, elementwise_affine=affine).double()
+    params = [m] + list(ln.parameters())
+    if affine:
+        with torch.no_grad():
+            ln.weight.normal_(generator=g), ln.bias.normal_(generator=g)
+
+    def grads(norm):
+        y, yd = torch.func.jvp(lambda z: norm(z @ m.T), (x,), (xd,))
+        return y, yd, torch.autograd.grad((y * c1).sum() + (yd * c2).sum(), params)
+
+    got = grads(ln)
+    want = grads(lambda z: _plain_layer_norm(z, ln.weight, ln.bias, ln.eps))
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_layer_norm_tangent_of_the_parameters():
+    x, xd = rand(4, 6), rand(4, 6, seed=1)
+    w, b, wd, bd = (rand(6, seed=2 + i) for i in range(4))
+    got = torch.func.jvp(lambda *a: LayerNormFn.apply(a[0], (6,), a[1], a[2], 1e-5), (x, w, b), (xd, wd, bd))
+    want = torch.func.jvp(lambda *a: _plain_layer_norm(*a, 1e-5), (x, w, b), (xd, wd, bd))
+    torch.testing.assert_close(got, want)
 
 
 def test_jvp_over_a_unet_with_attention_and_reverse_through_the_tangent():

@@ -6,6 +6,10 @@ and torch.compile.
 
 The attention rule matters most: PyTorch's fused attention has no forward-AD rule at all
 ("Trying to use forward AD with _scaled_dot_product_flash_attention_for_cpu ...").
+The LayerNorm rule is a correctness fix: reverse mode through the forward-AD tangent of the
+native ``F.layer_norm`` gives wrong gradients in torch 2.13 (pytorch/pytorch#196700; its saved
+mean / rstd carry no history), so ``derivative="jvp"`` over a native LayerNorm trains on wrong
+gradients without an error. GroupNorm and RMSNorm are right natively.
 """
 
 from __future__ import annotations
@@ -43,6 +47,48 @@ class ActivationFn(torch.autograd.Function):
     def jvp(ctx, z_dot, _kind_dot):
         (z,) = ctx.saved_tensors
         return DF.split(DF.dual_act(torch.cat([z, z_dot]), ctx.kind))[1]
+
+
+class LayerNormFn(torch.autograd.Function):
+    """y = layer_norm(x) * weight + bias with the dual LayerNorm kernel as its jvp, whose
+    tangent is itself differentiable (the reason this exists, see the module docstring)."""
+
+    @staticmethod
+    def forward(x, normalized_shape, weight, bias, eps):
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.normalized_shape, weight, bias, ctx.eps = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.save_for_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, bias = ctx.saved_tensors
+        # recompute under autograd: one extra normalisation, and a double backward comes for free
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            ins = [t if t is None or (create_graph and t.requires_grad) else t.detach().requires_grad_()
+                   for t in (x, weight, bias)]
+            y = F.layer_norm(ins[0], ctx.normalized_shape, ins[1], ins[2], ctx.eps)
+            wanted = [t for t in ins if t is not None]
+            grads = iter(torch.autograd.grad(y, wanted, g, create_graph=create_graph))
+        gx, gw, gb = (None if t is None else next(grads) for t in ins)
+        return gx, None, gw, gb, None
+
+    @staticmethod
+    def jvp(ctx, x_dot, _shape_dot, w_dot, b_dot, _eps_dot):
+        x, weight, bias = ctx.saved_tensors
+        if x_dot is None:
+            x_dot = torch.zeros_like(x)
+        if w_dot is None and b_dot is None:  # the usual case: parameters carry no tangent
+            return DF.split(DF.dual_layer_norm(torch.cat([x, x_dot]), ctx.normalized_shape, weight, bias, ctx.eps))[1]
+        xhat, xhat_dot = DF.split(DF.dual_layer_norm(torch.cat([x, x_dot]), ctx.normalized_shape, None, None, ctx.eps))
+        y_dot = xhat_dot * weight if weight is not None else xhat_dot
+        if w_dot is not None:
+            y_dot = y_dot + xhat * w_dot
+        return y_dot + b_dot if b_dot is not None else y_dot
 
 
 class AttentionFn(torch.autograd.Function):

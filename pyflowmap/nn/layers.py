@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pyflowmap.nn import functional as DF
-from pyflowmap.nn.forward_ad import ActivationFn
+from pyflowmap.nn.forward_ad import ActivationFn, LayerNormFn
 
 
 class DualModule(nn.Module):
@@ -63,6 +63,11 @@ def SiLU():
 
 
 class LayerNorm(nn.LayerNorm, DualModule):
+    """nn.LayerNorm whose primal forward has a jvp rule with correct gradients (forward_ad.LayerNormFn)."""
+
+    def forward(self, x):
+        return LayerNormFn.apply(x, tuple(self.normalized_shape), self.weight, self.bias, self.eps)
+
     def dual(self, xx):
         return DF.dual_layer_norm(xx, self.normalized_shape, self.weight, self.bias, self.eps)
 
