@@ -78,13 +78,22 @@ class DerivativeMode(ABC):
 class JVP(DerivativeMode):
     """Exact forward-mode derivative through ``torch.func.jvp``.
 
-    Works for any network whose ops have forward-AD rules (not fused attention kernels), and
-    keeps reverse mode through the tangent. Correct under DDP and FSDP2 when the whole step runs in
-    one :class:`pyflowmap.distributed.LossModule` forward (it transforms the inner network, never
-    the wrapper); ``dual`` is faster and also traces under torch.compile.
+    Keeps reverse mode through the tangent. With ``fused=True`` (the default) every jvp runs
+    under :func:`pyflowmap.nn.fused_jvp`, so a user's own transformer passes through
+    ``F.scaled_dot_product_attention`` (no forward-AD rule of its own) in O(N) memory and gets
+    correct LayerNorm gradients; ``fused=False`` leaves every op to PyTorch's own rules. Correct
+    under DDP and FSDP2 when the whole step runs in one
+    :class:`pyflowmap.distributed.LossModule` forward (it transforms the inner network, never the
+    wrapper); ``dual`` is faster and also traces under torch.compile.
     """
 
     name = "jvp"
+
+    def __init__(self, fused: bool = True):
+        self.fused = bool(fused)
+
+    def __repr__(self) -> str:
+        return "JVP()" if self.fused else "JVP(fused=False)"
 
     def jvp(self, flowmap, x, s, t, x_dot=None, s_dot=None, t_dot=None, output="map", lazy=False, c=None, w=None):
         _check_tangents(x, s, t, x_dot, s_dot, t_dot)
@@ -94,7 +103,12 @@ class JVP(DerivativeMode):
             torch.zeros_like(s) if s_dot is None else batch_time(s_dot, x),
             torch.zeros_like(t) if t_dot is None else batch_time(t_dot, x),
         )
-        return torch.func.jvp(_function(flowmap, output, c, w), (x, s, t), tangents)
+        if not self.fused:
+            return torch.func.jvp(_function(flowmap, output, c, w), (x, s, t), tangents)
+        from pyflowmap.nn.jvp_mode import fused_jvp  # pyflowmap.nn builds on this module's package
+
+        with fused_jvp():
+            return torch.func.jvp(_function(flowmap, output, c, w), (x, s, t), tangents)
 
 
 def default_fd_step(dtype: torch.dtype) -> float:

@@ -8,13 +8,14 @@ from pyflowmap.nn.attention import Attention
 from pyflowmap.nn.dit import DiTFlowMap, dit_preset
 from pyflowmap.nn.embeddings import SinusoidalEmbedding
 from pyflowmap.nn.functional import reference_ops
+from pyflowmap.nn.jvp_mode import FusedJVPMode, fused_jvp
 from pyflowmap.nn.layers import (GELU, Activation, Conv2d, DualModule, GroupNorm, LayerNorm, Linear, RMSNorm,
                                  Sequential, SiLU, modulate, stack)
 from pyflowmap.nn.mlp import FlowMapMLP
 from pyflowmap.nn.unet import AttnBlock, ResBlock, UNetFlowMap
 
 __all__ = [
-    "Activation", "Attention", "AttnBlock", "Conv2d", "DiTFlowMap", "DualModule", "FlowMapMLP", "GELU", "GroupNorm",
+    "Activation", "Attention", "AttnBlock", "Conv2d", "DiTFlowMap", "DualModule", "FlowMapMLP", "FusedJVPMode", "GELU", "GroupNorm",
     "LayerNorm", "Linear", "RMSNorm", "ResBlock", "Sequential", "SiLU", "SinusoidalEmbedding",
-    "UNetFlowMap", "dit_preset", "modulate", "reference_ops", "stack",
+    "UNetFlowMap", "dit_preset", "fused_jvp", "modulate", "reference_ops", "stack",
 ]
