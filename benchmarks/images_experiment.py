@@ -17,6 +17,10 @@ consistency tuning from it, so its total matches the others; ``--distillation`` 
 teacher's own budget comes on top). Writes ``results.json``, ``results.md`` and PNG sample
 grids per method and step count.
 
+``--model dit``: the same table with the DiT flow map (``--dit-preset``, default cpu-small:
+width 128, depth 4, 4 heads, patch 4 on 28 x 28, 49 tokens) in place of the UNet, same batch,
+learning rate and steps; runs in ``runs/images-dit`` by default.
+
 ``--conditional``: class-conditional MNIST-5k with the same network and budget per method (fm,
 lsd, meanflow, psd-m, ect-tuned by default), each in two variants trained with condition
 dropout p_uncond = 0.1: ``cfg-sample`` (no guidance in training; scored at sampling guidance
@@ -148,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="training steps per method (default: the setting's)")
     p.add_argument("--n-eval", type=int, default=None, help="samples per score (default: the setting's)")
     p.add_argument("--dataset", default="mnist5k")
+    p.add_argument("--model", choices=("unet", "dit"), default="unet", help="the network (default unet)")
+    p.add_argument("--dit-preset", default="cpu-small", help="--model dit: its size (default cpu-small)")
     p.add_argument("--conditional", action="store_true",
                    help="class-conditional models, guided at sampling (cfg-sample) or in training (cfg-train)")
     p.add_argument("--cfg", type=float, default=2.0, help="--conditional: the guidance scale W (default 2)")
@@ -164,9 +170,12 @@ def main(argv=None) -> int:
     steps = args.steps or setting["steps"]
     n_eval = args.n_eval or setting["n_eval"]
     base = dict(setting["model"], dataset=args.dataset)
+    if args.model == "dit":
+        base.update(model="dit", dit_preset=args.dit_preset)
     chosen = args.methods or list(COND_METHODS if args.conditional else METHODS)
     methods = list(dict.fromkeys(chosen + (list(DISTILLED) if args.distillation else [])))
-    root = Path(args.out or ("runs/images-conditional" if args.conditional else "runs/images"))
+    root = Path(args.out or ("runs/images-conditional" if args.conditional else "runs/images")
+                + ("-dit" if args.model == "dit" and not args.out else ""))
     # (variant, its run directory, its conditioning settings); one unconditional "variant"
     if args.conditional:
         variants = [(v, root / v, dict(conditional=True, p_uncond=0.1, guidance=args.cfg if v == "cfg-train" else 1.0))

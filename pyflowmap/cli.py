@@ -28,18 +28,29 @@ HELP = {
     "batch": "batch size",
     "seed": "seed of initialization and of the training stream",
 }
+# image-train's own (the toy ``train`` has a --depth of its own)
+IMAGE_HELP = {
+    "model": "the network: unet (sized by --ch, --emb-dim, --attention) or dit (a Diffusion Transformer)",
+    "dit_preset": "dit: the size, cpu-small, S/2, S/4, S/8, B/2, B/4, B/8, L/2, L/4, L/8",
+    "patch": "dit: the patch side, dividing the image sides (0: the preset's)",
+    "depth": "dit: transformer blocks (0: the preset's)",
+    "width": "dit: token channels (0: the preset's)",
+    "heads": "dit: attention heads, dividing --width (0: the preset's)",
+    "qk_norm": "dit: RMSNorm of the queries and keys",
+    "pos_embed": "dit: position embedding, sincos or learned",
+}
 
 
-def _add_config_args(p: argparse.ArgumentParser, defaults):
+def _add_config_args(p: argparse.ArgumentParser, defaults, helps=HELP):
     for f in fields(type(defaults)):
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{HELP.get(f.name, '')} (default {default})")
+                           help=f"{helps.get(f.name, '')} (default {default})")
         else:
             p.add_argument(flag, dest=f.name, type=type(default), default=None,
-                           help=f"{HELP.get(f.name, '')} (default {default})")
+                           help=f"{helps.get(f.name, '')} (default {default})")
 
 
 def _config_from(args, defaults):
@@ -249,9 +260,9 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _train_parser(sub, name: str, help: str, defaults, func) -> None:
+def _train_parser(sub, name: str, help: str, defaults, func, helps=HELP) -> None:
     p = sub.add_parser(name, help=help)
-    _add_config_args(p, defaults)
+    _add_config_args(p, defaults, helps)
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, config.json)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
     p.add_argument("--overwrite", action="store_true")
@@ -305,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pyflowmap.images.config import ImageConfig
 
     _train_parser(sub, "image-train", "train an image flow map or consistency model (needs [images])", ImageConfig(),
-                  cmd_image_train)
+                  cmd_image_train, {**HELP, **IMAGE_HELP})
 
     from pyflowmap.sampling import SAMPLERS as IMAGE_SAMPLERS
 

@@ -21,10 +21,13 @@ JOBS_2D = [("fm", "auto", {})] + [
     (obj, mode, {}) for obj in ("lsd", "esd", "meanflow") for mode in ("dual", "jvp", "fd")
 ] + [("psd-u", "auto", {}), ("psd-m", "auto", {}), ("lsd", "dual", {"learned_weighting": True}),
      ("esd", "jvp", {"spatial_stopgrad": False})]
-# the image-only objectives (ECT and its pretraining, distillation from an FM teacher run)
-# and the UNet with attention in the dual and jvp modes
+# a DiT small enough for the 8 x 8 digits (16 tokens)
+TINY_DIT = dict(model="dit", patch=2, depth=2, width=16, heads=2)
+# the image-only objectives (ECT and its pretraining, distillation from an FM teacher run),
+# the UNet with attention in the dual and jvp modes, and the DiT in both
 JOBS_IMAGE = [("ect-pretrain", "auto", {}), ("ect", "auto", {}), ("lmd", "dual", {}), ("emd", "jvp", {}),
-              ("pfmm", "auto", {}), ("lsd", "jvp", {}), ("meanflow", "dual", {})]
+              ("pfmm", "auto", {}), ("lsd", "jvp", {}), ("meanflow", "dual", {}),
+              ("lsd", "dual", TINY_DIT), ("meanflow", "jvp", TINY_DIT)]
 # checkpoint round trips under DDP and FSDP2 (whole-tensor optimizer state), and a step
 # whose loss is NaN on one rank only: every rank must skip it together, nobody hangs
 JOBS_RESUME = [("lsd", "dual", {"_resume_at": 2}), ("lsd", "dual", {"fsdp": True, "_resume_at": 2}),
@@ -36,7 +39,8 @@ JOBS_HANDOFF = [("emd", "dual", {"fsdp": True, "_stop_at": 2})]
 # FSDP2: the dual image models, blockwise sharded
 JOBS_FSDP = [("lsd", "dual", {"fsdp": True}), ("esd", "dual", {"fsdp": True}), ("meanflow", "dual", {"fsdp": True}),
              ("ect", "auto", {"fsdp": True}), ("lmd", "dual", {"fsdp": True}), ("psd-m", "auto", {"fsdp": True}),
-             ("lsd", "jvp", {"fsdp": True}), ("lsd", "fd", {"fsdp": True})]
+             ("lsd", "jvp", {"fsdp": True}), ("lsd", "fd", {"fsdp": True}),
+             ("lsd", "dual", {"fsdp": True, **TINY_DIT}), ("esd", "jvp", {"fsdp": True, **TINY_DIT})]
 
 
 def job_name(kind, obj, mode, extra) -> str:

@@ -8,11 +8,16 @@ from pathlib import Path
 from pyflowmap.consistency import EDMConsistency
 from pyflowmap.flowmap import FlowMap
 from pyflowmap.images.data import DATASETS
+from pyflowmap.nn.dit import POS_EMBEDS, PRESETS, DiTFlowMap, preset_settings
 from pyflowmap.nn.unet import UNetFlowMap
 from pyflowmap.objectives import CONSISTENCY, DISTILLATION, OBJECTIVES
 from pyflowmap.training.config import LoopConfig
 
 IMAGE_OBJECTIVES = OBJECTIVES
+IMAGE_MODELS = ("unet", "dit")
+# the DiT's fields and their defaults: a unet run takes none of them
+_DIT_FIELDS = {"dit_preset": "cpu-small", "patch": 0, "depth": 0, "width": 0, "heads": 0, "qk_norm": False,
+               "pos_embed": "sincos"}
 
 
 @dataclass
@@ -33,6 +38,13 @@ class ImageConfig(LoopConfig):
     trains with classifier-free guidance at that scale (ECT tuning takes the null prediction
     from the ``init`` run, its pretrained denoiser), ``guidance_max`` (> 0, flow-map
     objectives) trains over w ~ U[1, guidance_max] given to the network as an input.
+
+    ``model``: ``"unet"`` (:class:`pyflowmap.nn.UNetFlowMap`, sized by ``ch``, ``emb_dim``,
+    ``attention``) or ``"dit"`` (:class:`pyflowmap.nn.dit.DiTFlowMap`, for every objective): the
+    ``dit_preset`` size (cpu-small, S/2, S/4, S/8, B/2, ..., L/8; its emb_dim too), each of
+    ``patch``, ``depth``, ``width``, ``heads`` overriding it when > 0, ``qk_norm`` and
+    ``pos_embed`` (sincos | learned). ``dropout`` applies to both. A unet run takes none of the
+    DiT fields. A config stored before ``model`` existed is a unet run.
     """
 
     dataset: str = "mnist5k"
@@ -44,6 +56,14 @@ class ImageConfig(LoopConfig):
     emb_dim: int = 32
     attention: bool = True
     dropout: float = 0.0
+    model: str = "unet"  # unet | dit
+    dit_preset: str = "cpu-small"  # dit: the size that patch / depth / width / heads (> 0) override
+    patch: int = 0  # dit: the patch side (0: the preset's)
+    depth: int = 0  # dit: transformer blocks (0: the preset's)
+    width: int = 0  # dit: token channels (0: the preset's)
+    heads: int = 0  # dit: attention heads, dividing width (0: the preset's)
+    qk_norm: bool = False  # dit: RMSNorm of queries and keys
+    pos_embed: str = "sincos"  # dit: sincos (fixed) | learned
     ect_stage: int = 0
     ect_c: float = -1.0  # pseudo-Huber c; < 0: 0.00054 sqrt(pixels)
     warmup: int = 50
@@ -78,6 +98,7 @@ class ImageConfig(LoopConfig):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.emb_dim % 2 == 0, f"emb_dim must be even, got {self.emb_dim}")
         need(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        self._validate_model()
         need(self.ect_stage >= 0, f"ect_stage must be >= 0, got {self.ect_stage}")
         need(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
         need(self.image_size >= 0, f"image_size must be >= 0 (0: as stored), got {self.image_size}")
@@ -94,13 +115,69 @@ class ImageConfig(LoopConfig):
              "derivative='fd' needs dropout=0 (each difference pass would draw its own dropout mask); "
              "use derivative='dual' or 'jvp'")
 
+    def _validate_model(self) -> None:
+        need = self._need
+        need(self.model in IMAGE_MODELS, f"model must be one of {IMAGE_MODELS}, got {self.model!r}")
+        if self.model != "dit":
+            given = [k for k, v in _DIT_FIELDS.items() if getattr(self, k) != v]
+            need(not given, f"{', '.join(given)} configure the DiT: they need model='dit' (--model dit), "
+                            f"this run's model is {self.model!r}")
+            return
+        need(self.dit_preset in PRESETS, f"dit_preset must be one of {PRESETS}, got {self.dit_preset!r}")
+        for name, most in (("patch", 4096), ("depth", 1000), ("width", 65536), ("heads", 4096)):
+            value = getattr(self, name)
+            need(0 <= value <= most, f"{name} must be in [0, {most}] (0: the dit_preset's), got {value}")
+        need(self.pos_embed in POS_EMBEDS, f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+        arch = self._dit_arch()
+        need(arch["width"] % arch["heads"] == 0,
+             f"heads {arch['heads']} must divide width {arch['width']} (dit_preset {self.dit_preset!r}, "
+             f"width={self.width or 'preset'}, heads={self.heads or 'preset'})")
+        need(self.pos_embed != "sincos" or arch["width"] % 4 == 0,
+             f"width {arch['width']} must be divisible by 4 for pos_embed='sincos' (or use pos_embed='learned')")
+        if self.image_size > 0:
+            patch = self.patch or preset_settings(self.dit_preset, self.image_size)["patch"]
+            need(self.image_size % patch == 0,
+                 f"patch {patch} must divide image_size {self.image_size}")
+
+    def _dit_arch(self) -> dict:
+        arch = preset_settings(self.dit_preset, 16)  # width, depth, heads, emb_dim: not size-dependent
+        arch.pop("patch")
+        arch.update({k: getattr(self, k) for k in ("width", "depth", "heads") if getattr(self, k) > 0})
+        return arch
+
+    def dit_settings(self, size) -> dict:
+        """The :class:`DiTFlowMap` keywords of this DiT run on images of ``size`` (H, W): the
+        preset's values with this config's overrides. A patch that does not divide the images is
+        a ValueError naming the option."""
+        if self.model != "dit":
+            raise ValueError(f"{type(self).__name__}: dit_settings of a {self.model!r} run")
+        h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        patch = self.patch or preset_settings(self.dit_preset, (h, w))["patch"]
+        if h % patch or w % patch:
+            origin = "patch" if self.patch else f"the patch of dit_preset {self.dit_preset!r}"
+            raise ValueError(f"{type(self).__name__}: {origin} ({patch}) must divide the {h}x{w} images; "
+                             "pass --patch (patch=) with a divisor of both sides")
+        return dict(image_size=(h, w), patch=patch, **self._dit_arch(), qk_norm=self.qk_norm,
+                    pos_embed=self.pos_embed, dropout=self.dropout)
+
+    def architecture(self, size=None) -> tuple:
+        """What the network's shape depends on (an ``init`` run must match it)."""
+        if self.model == "dit":
+            settings = self.dit_settings(size)
+            settings.pop("dropout")  # not a shape
+            return ("dit", self.consistency, tuple(sorted(settings.items())))
+        return ("unet", self.consistency, self.ch, self.emb_dim, self.attention)
+
     @property
     def consistency(self) -> bool:
         return self.objective in CONSISTENCY
 
 
-def build_image_model(cfg: ImageConfig, channels: int, num_classes: int | None = None) -> FlowMap | EDMConsistency:
-    """A :class:`UNetFlowMap` inside a :class:`FlowMap` (flow-map objectives, base N(0, I) at
+def build_image_model(cfg: ImageConfig, channels: int, num_classes: int | None = None,
+                      size=None) -> FlowMap | EDMConsistency:
+    """A :class:`UNetFlowMap` (``cfg.model == "unet"``) or a :class:`DiTFlowMap` (``"dit"``, on
+    images of ``size``: an int or (H, W), which the DiT needs; default ``cfg.image_size``)
+    inside a :class:`FlowMap` (flow-map objectives, base N(0, I) at
     t = 0, data at t = 1) or inside an :class:`EDMConsistency` (ECT: EDM preconditioning, so
     the net sees unit-scale inputs itself and gets ``data_std=1``). A ``cfg.conditional`` run's
     net is conditioned on ``num_classes`` classes (plus the null class), and also takes the
@@ -112,6 +189,15 @@ def build_image_model(cfg: ImageConfig, channels: int, num_classes: int | None =
             raise ValueError(f"a conditional image model needs num_classes >= 1 (the dataset's classes), "
                              f"got {num_classes!r}")
         cond = dict(num_classes=int(num_classes), guidance_input=cfg.guidance_max > 0)
-    net = UNetFlowMap(channels, ch=cfg.ch, emb_dim=cfg.emb_dim, attention=cfg.attention, dropout=cfg.dropout,
-                      data_std=1.0 if cfg.consistency else 0.5, **cond)
+    data_std = 1.0 if cfg.consistency else 0.5
+    if cfg.model == "dit":
+        if size is None:
+            if cfg.image_size < 1:
+                raise ValueError("a DiT image model needs the image size: pass size= (H, W) of the data")
+            size = cfg.image_size
+        settings = cfg.dit_settings(size)
+        net = DiTFlowMap(settings.pop("image_size"), channels, data_std=data_std, **settings, **cond)
+    else:
+        net = UNetFlowMap(channels, ch=cfg.ch, emb_dim=cfg.emb_dim, attention=cfg.attention, dropout=cfg.dropout,
+                          data_std=data_std, **cond)
     return EDMConsistency(net) if cfg.consistency else FlowMap(net)

@@ -31,7 +31,8 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device="cpu"):
     num_classes = state.get("num_classes")
     if cfg.conditional and num_classes is None:
         raise ValueError(f"{run_dir}: a conditional run whose checkpoint does not record num_classes")
-    model = build_image_model(cfg, state["channels"], num_classes)
+    # a config from before the DiT has no "model": a unet run
+    model = build_image_model(cfg, state["channels"], num_classes, size=tuple(state["size"]))
     try:
         model.load_state_dict(state["ema" if use_ema else "model"])
     except RuntimeError as e:
@@ -130,12 +131,15 @@ class ImageTrainer(TrainerBase):
 
     def build_model(self):
         cfg = self.cfg
-        model = build_image_model(cfg, self.channels, self.num_classes).to(self.device)
+        model = build_image_model(cfg, self.channels, self.num_classes, size=self.size).to(self.device)
         if cfg.init:
             init, init_cfg, init_state = load_run(cfg.init, device=self.device)
-            if (init_cfg.consistency, init_cfg.ch, init_cfg.emb_dim, init_cfg.attention, init_state["channels"]) != \
-                    (cfg.consistency, cfg.ch, cfg.emb_dim, cfg.attention, self.channels):
-                raise ValueError(f"init run {cfg.init} has a different model (kind/ch/emb_dim/attention/channels)")
+            if (init_cfg.architecture(tuple(init_state["size"])), init_state["channels"]) != \
+                    (cfg.architecture(self.size), self.channels):
+                what = "model/patch/depth/width/heads/qk_norm/pos_embed" if cfg.model == "dit" else \
+                    "model/ch/emb_dim/attention"
+                raise ValueError(f"init run {cfg.init} has a different model (kind/{what}/channels): it is a "
+                                 f"{init_cfg.model!r} run, this one {cfg.model!r}")
             theirs, mine = _conditioning(init_cfg, init_state.get("num_classes")), _conditioning(cfg, self.num_classes)
             if theirs != mine:
                 raise ValueError(f"init run {cfg.init} is {_describe(theirs)}, but this run is {_describe(mine)}: "

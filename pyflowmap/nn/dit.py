@@ -298,6 +298,20 @@ DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
 PRESETS = ("cpu-small", "S/2", "S/4", "S/8", "B/2", "B/4", "B/8", "L/2", "L/4", "L/8")
 
 
+def preset_settings(name: str, image_size) -> dict:
+    """The constructor keywords (patch, width, depth, heads, emb_dim) of preset ``name`` on
+    images of ``image_size`` (cpu-small's patch depends on it); see :func:`dit_preset`."""
+    if name == "cpu-small":
+        h, w = _image_size(image_size)
+        patch = 4 if h % 4 == 0 and w % 4 == 0 and min(h, w) >= 16 else 2
+        return dict(patch=patch, width=128, depth=4, heads=4, emb_dim=128)
+    if name in PRESETS:
+        size, patch = name.split("/")
+        width, depth, heads = DIT_SIZES[size]
+        return dict(patch=int(patch), width=width, depth=depth, heads=heads, emb_dim=256)
+    raise ValueError(f"name must be one of {PRESETS}, got {name!r}")
+
+
 def dit_preset(name: str, image_size, channels: int = 1, **kw) -> DiTFlowMap:
     """A :class:`DiTFlowMap` of a named size; ``kw`` overrides any constructor argument.
 
@@ -307,15 +321,6 @@ def dit_preset(name: str, image_size, channels: int = 1, **kw) -> DiTFlowMap:
     ``"L/2"`` (1024, 24, 16), and the same sizes with patch 4 or 8 (``"S/4"``, ...), all with
     emb_dim 256 (DiT's frequency-embedding size).
     """
-    if name == "cpu-small":
-        h, w = _image_size(image_size)
-        patch = 4 if h % 4 == 0 and w % 4 == 0 and min(h, w) >= 16 else 2
-        cfg = dict(patch=patch, width=128, depth=4, heads=4, emb_dim=128)
-    elif name in PRESETS:
-        size, patch = name.split("/")
-        width, depth, heads = DIT_SIZES[size]
-        cfg = dict(patch=int(patch), width=width, depth=depth, heads=heads, emb_dim=256)
-    else:
-        raise ValueError(f"name must be one of {PRESETS}, got {name!r}")
+    cfg = preset_settings(name, image_size)
     cfg.update(kw)
     return DiTFlowMap(image_size, channels, **cfg)
