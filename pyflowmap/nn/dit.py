@@ -169,10 +169,9 @@ class DiTFlowMap(Conditioned, nn.Module):
     tangents=(x_dot, s_dot, t_dot))`` returns ``(v, v_dot)`` in one pass over the stacked
     [primal; tangent] rows. :func:`dit_preset` builds the named sizes.
 
-    Prefer ``derivative="dual"`` (what ``"auto"`` picks): with ``"jvp"``, torch.func.jvp runs
-    through the primal ``F.layer_norm``, whose tangent is right but whose reverse mode through
-    that tangent is not in PyTorch (2.13: the saved mean / rstd carry no autograd history), so
-    LSD / ESD / MeanFlow gradients would be silently off (tests/test_dit.py pins this).
+    ``derivative="dual"`` (what ``"auto"`` picks) is the fast path; ``"jvp"`` gives the same
+    gradients through the layers' jvp rules (its LayerNorm rule works around PyTorch's wrong
+    reverse mode through the native layer_norm tangent, docs/tangents.md section 10).
     """
 
     supports_tangents = True
