@@ -1,0 +1,151 @@
+"""Transformers (issue 16): torch.func.jvp over a user's own block under pf.nn.fused_jvp, and
+the DiT's derivative modes in LSD / MeanFlow training steps, side by side in one run (CPU).
+
+    mkdir -p runs
+    OMP_NUM_THREADS=2 python -m pytest benchmarks/test_bench_transformer.py \
+        --benchmark-json runs/bench_transformer.json -q -p no:cacheprovider
+    python benchmarks/report.py runs/bench_transformer.json
+
+Group A (N = 256, 1024, 4096): forward + tangent of one user transformer block (width 128,
+4 heads, batch 2, fp32; F.scaled_dot_product_attention, nn.LayerNorm, nn.GELU): "fused"
+(torch.func.jvp under pf.nn.fused_jvp), "math-jvp" (torch.func.jvp under
+sdpa_kernel(SDPBackend.MATH), which does have forward AD on CPU in torch 2.13), "fd" (central
+difference, two SDPA forwards), "primal" (one forward). The largest single allocation of one
+call (torch.profiler, profile_memory) is stored as ``largest_alloc_mb``. FLOPs: attention
+forward 4 N^2 D per head, forward + JVP 3x that; the block's linears 2 B N (12 d^2) per pass.
+Groups B / C: one LSD (all off-diagonal) / MeanFlow training step (loss + backward, no
+optimizer) of the DiT dit_preset("cpu-small", 32, patch=2) (256 tokens) per derivative mode.
+Group D: DiT dual forward + tangent vs two primal forwards, no grad. Each test is one comparison
+group, its variants interleaved round by round (benchmarks/harness.py).
+"""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from harness import compare
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+import pyflowmap as pf
+from pyflowmap.nn.forward_ad import AttentionFn
+from pyflowmap.reference import math_attention
+
+WIDTH, HEADS, BATCH = 128, 4, 2
+DIT_BATCH = 2  # 8 in the issue; 2 here so that a step fits a shared 2-core machine (RESULTS section 11)
+
+
+class UserBlock(nn.Module):
+    """A pre-LN transformer block as users write it: nothing from pyflowmap."""
+
+    def __init__(self, d=WIDTH, heads=HEADS):
+        super().__init__()
+        self.h = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, n, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        x = x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.ln2(x))
+
+
+def largest_alloc_mb(fn):
+    """The largest single CPU allocation during one call of ``fn``, in MiB."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0) / 2**20
+
+
+@pytest.mark.parametrize("n", [256, 1024, 4096])
+def test_user_block_fwd_jvp(benchmark, n):
+    torch.manual_seed(0)
+    block = UserBlock()
+    x, xd = torch.randn(BATCH, n, WIDTH), torch.randn(BATCH, n, WIDTH)
+    h = 1e-3
+
+    def fused():
+        with pf.nn.fused_jvp():
+            return torch.func.jvp(block, (x,), (xd,))
+
+    def math():
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.func.jvp(block, (x,), (xd,))
+
+    fns = {"fused": fused, "math-jvp": math,
+           "fd": lambda: (block(x), (block(x + h * xd) - block(x - h * xd)) / (2 * h)),
+           "primal": lambda: block(x)}
+    attn = 4 * n * n * (WIDTH // HEADS) * HEADS * BATCH
+    lin = 2 * BATCH * n * 12 * WIDTH * WIDTH
+    flops = {"fused": 3 * (attn + lin), "math-jvp": 3 * (attn + lin), "fd": 3 * (attn + lin), "primal": attn + lin}
+    with torch.no_grad():
+        info = {k: {"flops": flops[k], "largest_alloc_mb": largest_alloc_mb(f)} for k, f in fns.items()}
+        benchmark.group = f"user block fwd+JVP N={n} width {WIDTH} {HEADS} heads batch {BATCH} fp32 (cpu)"
+        compare(benchmark, fns, "cpu", inner=1, rounds=5 if n <= 1024 else 3, info=info, tokens=n)
+
+
+@contextlib.contextmanager
+def math_attention_in_dit():
+    """AttentionFn.apply -> math attention (PyTorch's own forward-AD through softmax(QK^T)V)."""
+    AttentionFn.apply = staticmethod(lambda q, k, v, causal: math_attention(q, k, v, causal))
+    try:
+        yield
+    finally:
+        del AttentionFn.apply  # back to the inherited torch.autograd.Function.apply
+
+
+def _dit():
+    torch.manual_seed(0)
+    net = pf.nn.dit_preset("cpu-small", 32, channels=1, patch=2)  # 16 x 16 = 256 tokens
+    with torch.no_grad():  # leave AdaLN-Zero's identity start: every layer does real work
+        for p in net.parameters():
+            if p.dim() > 1 and p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return net
+
+
+def _step(name, derivative, net, x1, math=False, **kw):
+    objective = pf.make_objective(name, derivative=derivative, **kw)
+    fm, g = pf.FlowMap(net), torch.Generator()
+
+    def step():
+        g.manual_seed(1)
+        with math_attention_in_dit() if math else contextlib.nullcontext():
+            out = objective(fm, x1, generator=g)
+            net.zero_grad(set_to_none=True)
+            out.loss.backward()
+
+    return step
+
+
+@pytest.mark.parametrize("objective", ["lsd", "meanflow"])
+def test_dit_step(benchmark, objective):
+    net = _dit()
+    x1 = torch.randn(DIT_BATCH, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    kw = {"times": pf.TimeSampler(diag_fraction=0.0)} if objective == "lsd" else {}
+    fns = {"fused": _step(objective, "dual", net, x1, **kw),
+           "jvp-math": _step(objective, pf.JVP(fused=False), net, x1, math=True, **kw),
+           "jvp-fused": _step(objective, "jvp", net, x1, **kw),
+           "fd": _step(objective, "fd", net, x1, **kw)}
+    label = "LSD (diag fraction 0)" if objective == "lsd" else "MeanFlow (diag fraction 0.75)"
+    benchmark.group = f"DiT cpu-small/2 {label} step, 256 tokens, batch {DIT_BATCH} (cpu)"
+    compare(benchmark, fns, "cpu", inner=1, rounds=3, tokens=256, batch=DIT_BATCH)
+
+
+def test_dit_dual_forward(benchmark):
+    net = _dit()
+    b = 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, 1, 32, 32, generator=g)
+    s, t = torch.rand(b, generator=g) * 0.5, 0.5 + torch.rand(b, generator=g) * 0.5
+    one = torch.ones(b)
+    fns = {"two-primal": lambda: (net(x, s, t), net(x, s, t)),
+           "fused": lambda: net(x, s, t, tangents=(None, None, one)),
+           "one-primal": lambda: net(x, s, t)}
+    benchmark.group = f"DiT cpu-small/2 forward + tangent, 256 tokens, batch {b}, no grad (cpu)"
+    with torch.no_grad():
+        compare(benchmark, fns, "cpu", baseline="two-primal", inner=1, rounds=5, tokens=256, batch=b)
