@@ -81,7 +81,7 @@ def _run_eval(run_dir: Path, steps, samplers, n: int, seed: int, use_ema: bool, 
     print(f"\n{cfg.objective.upper()} on {cfg.data}: {state['step']} training steps in {state['train_seconds']:.0f} s")
     print(format_table(report))
     if report["conditional"]:
-        print(f"\nconditional samples for balanced labels, "
+        print("\nconditional samples for balanced labels, "
               + ("no guidance at sampling" if guidance is None else f"guidance {guidance:g} at sampling") + ":")
         print(format_table(report, "accuracy"))
     print(f"\nwrote {out_dir / 'metrics.json'} and {png}")
