@@ -21,6 +21,17 @@ from pyflowmap.nn import functional as DF
 from pyflowmap.reference import math_attention
 
 
+def _recomputed_grads(fn, inputs, g):
+    """Gradients of ``fn(create_graph, *inputs)`` against ``g``, recomputed under autograd (None
+    for a None input). Inside a double backward (grad mode on) the recomputation keeps its graph."""
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        ins = [t if t is None or (create_graph and t.requires_grad) else t.detach().requires_grad_() for t in inputs]
+        out = fn(create_graph, *ins)
+        grads = iter(torch.autograd.grad(out, [t for t in ins if t is not None], g, create_graph=create_graph))
+    return [None if t is None else next(grads) for t in ins]
+
+
 class ActivationFn(torch.autograd.Function):
     """y = a(z) with backward a'(z) g and jvp a'(z) z_dot (the fused dual kernel)."""
 
@@ -65,16 +76,9 @@ class LayerNormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, bias = ctx.saved_tensors
         # recompute under autograd: one extra normalisation, and a double backward comes for free
-        create_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            ins = [t if t is None or (create_graph and t.requires_grad) else t.detach().requires_grad_()
-                   for t in (x, weight, bias)]
-            y = F.layer_norm(ins[0], ctx.normalized_shape, ins[1], ins[2], ctx.eps)
-            wanted = [t for t in ins if t is not None]
-            grads = iter(torch.autograd.grad(y, wanted, g, create_graph=create_graph))
-        gx, gw, gb = (None if t is None else next(grads) for t in ins)
+        gx, gw, gb = _recomputed_grads(lambda _, x, w, b: F.layer_norm(x, ctx.normalized_shape, w, b, ctx.eps),
+                                       ctx.saved_tensors, g)
         return gx, None, gw, gb, None
 
     @staticmethod
@@ -108,18 +112,11 @@ class AttentionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        q, k, v = ctx.saved_tensors
-        # Inside a double backward (grad mode on) the recomputation must itself be
-        # differentiable: SDPA's CPU backward has no derivative, so math attention runs then.
-        create_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            if create_graph:
-                qkv = [t if t.requires_grad else t.detach().requires_grad_() for t in (q, k, v)]
-                o = math_attention(*qkv, ctx.causal)
-            else:
-                qkv = [t.detach().requires_grad_() for t in (q, k, v)]
-                o = F.scaled_dot_product_attention(*qkv, is_causal=ctx.causal)
-            grads = torch.autograd.grad(o, qkv, g, create_graph=create_graph)
+        # Inside a double backward the recomputation must itself be differentiable: SDPA's CPU
+        # backward has no derivative, so math attention runs then.
+        grads = _recomputed_grads(lambda create_graph, q, k, v: math_attention(q, k, v, ctx.causal) if create_graph
+                                  else F.scaled_dot_product_attention(q, k, v, is_causal=ctx.causal),
+                                  ctx.saved_tensors, g)
         return (*grads, None)
 
     @staticmethod
