@@ -102,6 +102,85 @@ def test_user_block_matches_math_attention_jvp(kw, n):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
+def _mha_jvp_and_grads(fn, params, x, xd, fused):
+    if fused:
+        with pf.nn.fused_jvp():
+            y, yd = torch.func.jvp(fn, (x,), (xd,))
+    else:  # PyTorch's own forward AD, through the MATH backend (the fused SDPA ones have none)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            y, yd = torch.func.jvp(fn, (x,), (xd,))
+    loss = (y * torch.cos(y)).sum() + (yd * yd).sum()
+    return y, yd, torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("case", ["self-batch-first", "cross-kdim-vdim", "unbatched", "causal-mask"])
+def test_multihead_attention_matches_math_attention_jvp(case):
+    """nn.MultiheadAttention(need_weights=False) hides its SDPA call inside
+    F.multi_head_attention_forward: the mode routes that function too."""
+    torch.manual_seed(0)
+    x, xd = rand(2, 7, 16), rand(2, 7, 16, seed=1)
+    if case == "cross-kdim-vdim":
+        m = nn.MultiheadAttention(16, 4, kdim=6, vdim=10).double()  # separate projections, seq-first
+        kv, vv = rand(5, 2, 6, seed=2), rand(5, 2, 10, seed=3)
+
+        def fn(x):
+            return m(x.transpose(0, 1), kv, vv, need_weights=False)[0]
+    else:
+        m = nn.MultiheadAttention(16, 4, batch_first=case != "unbatched").double()
+        mask = nn.Transformer.generate_square_subsequent_mask(7, dtype=torch.float64)
+
+        def fn(x):
+            if case == "unbatched":
+                return m(x[0], x[0], x[0], need_weights=False)[0]
+            if case == "causal-mask":
+                return m(x, x, x, need_weights=False, attn_mask=mask, is_causal=True)[0]
+            return m(x, x, x, need_weights=False)[0]
+    params = list(m.parameters())
+    got = _mha_jvp_and_grads(fn, params, x, xd, fused=True)
+    want = _mha_jvp_and_grads(fn, params, x, xd, fused=False)
+    for a, b in zip(got[:2] + got[2], want[:2] + want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("train", [False, True])
+def test_transformer_encoder_layer_matches_math_attention_jvp(norm_first, train):
+    """nn.TransformerEncoderLayer, in training and in eval (where PyTorch would take its fused
+    fast path, which a mode disables), against math attention's forward AD: outputs and tangents."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, norm_first=norm_first,
+                                       activation="gelu").double().train(train)
+    x, xd = rand(3, 5, 16), rand(3, 5, 16, seed=1)
+    with torch.no_grad():
+        with pf.nn.fused_jvp():
+            y, yd = torch.func.jvp(layer, (x,), (xd,))
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no forward AD
+        try:
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+                y_ref, yd_ref = torch.func.jvp(layer, (x,), (xd,))
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(yd, yd_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"key_padding_mask": torch.zeros(2, 7, dtype=torch.bool)}, "key_padding_mask"),
+    ({"attn_mask": torch.zeros(7, 7, dtype=torch.bool)}, "attn_mask"),
+])
+def test_multihead_attention_masks_are_clear_errors(kw, match):
+    m = nn.MultiheadAttention(16, 4, batch_first=True).double()
+    x = rand(2, 7, 16)
+    with pf.nn.fused_jvp(), pytest.raises(ValueError, match=match):
+        m(x, x, x, need_weights=False, **kw)
+    with pf.nn.fused_jvp():  # need_weights=True: PyTorch's explicit softmax, which has forward AD
+        y, yd = torch.func.jvp(lambda x: m(x, x, x, **kw)[0], (x,), (x,))
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        y_ref, yd_ref = torch.func.jvp(lambda x: m(x, x, x, need_weights=False, **kw)[0], (x,), (x,))
+    torch.testing.assert_close(yd, yd_ref)
+
+
 def test_native_layer_norm_through_the_mode_gets_right_gradients():
     """nn.LayerNorm modules (F.layer_norm) are routed too: without the mode the native rule's
     reverse-through-tangent gradients are wrong (pytorch/pytorch#196700)."""

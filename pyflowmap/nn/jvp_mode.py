@@ -1,8 +1,10 @@
 """Fused JVP rules for models pyflowmap did not build: a ``TorchFunctionMode`` that routes
-``F.scaled_dot_product_attention``, ``F.layer_norm``, ``F.gelu`` and ``F.silu`` (and so
-``nn.MultiheadAttention``-free transformers written with them, ``nn.LayerNorm``, ``nn.GELU``,
-``nn.SiLU``) to the autograd.Functions of :mod:`pyflowmap.nn.forward_ad`, whose ``jvp`` is the
-fused dual kernel. Under it ``torch.func.jvp`` passes through SDPA (which has no forward-AD rule)
+``F.scaled_dot_product_attention``, ``F.layer_norm``, ``F.gelu`` and ``F.silu`` (and so the
+modules built on them: ``nn.LayerNorm``, ``nn.GELU``, ``nn.SiLU``) to the autograd.Functions of
+:mod:`pyflowmap.nn.forward_ad`, whose ``jvp`` is the fused dual kernel. ``nn.MultiheadAttention``
+(and so ``nn.TransformerEncoderLayer`` / ``DecoderLayer``) goes through
+``F.multi_head_attention_forward``, whose internal SDPA call a mode cannot see; it is routed too
+(``need_weights=False``, the layers' own setting: its projections, then the fused attention). Under it ``torch.func.jvp`` passes through SDPA (which has no forward-AD rule)
 in O(N) memory, and reverse mode through the tangent gets correct LayerNorm gradients.
 
     with pf.nn.fused_jvp():
@@ -68,6 +70,49 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     return AttentionFn.apply(q, k, v, bool(is_causal)).reshape(*lead, nq, d)
 
 
+def _multi_head_attention(query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias,
+                          bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=True,
+                          key_padding_mask=None, need_weights=True, attn_mask=None, use_separate_proj_weight=False,
+                          q_proj_weight=None, k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None,
+                          average_attn_weights=True, is_causal=False):
+    args = (query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
+            add_zero_attn, dropout_p, out_proj_weight, out_proj_bias)
+    kwargs = dict(training=training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                  attn_mask=attn_mask, use_separate_proj_weight=use_separate_proj_weight,
+                  q_proj_weight=q_proj_weight, k_proj_weight=k_proj_weight, v_proj_weight=v_proj_weight,
+                  static_k=static_k, static_v=static_v, average_attn_weights=average_attn_weights,
+                  is_causal=is_causal)
+    if need_weights or (is_causal and attn_mask is None):
+        # need_weights: PyTorch forms softmax(QK^T) explicitly, which has forward AD (N x N
+        # memory, as the weights asked for); the causal case without a mask is its own error
+        return F.multi_head_attention_forward(*args, **kwargs)
+    if is_causal and key_padding_mask is None:
+        attn_mask = None  # PyTorch's rule: the mask is then the causal one, passed to SDPA as is_causal
+    unsupported = [name for name, v in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask),
+                                        ("bias_k", bias_k), ("bias_v", bias_v), ("static_k", static_k),
+                                        ("static_v", static_v)) if v is not None] + (["add_zero_attn"] * add_zero_attn)
+    if unsupported:
+        raise ValueError(f"pf.nn.fused_jvp: multi_head_attention_forward with {', '.join(unsupported)} is not "
+                         "supported by the JVP attention (only is_causal); leave the call outside the mode")
+    batched = query.dim() == 3
+    if not batched:
+        query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+    tgt_len, bsz, embed_dim = query.shape
+    if embed_dim != embed_dim_to_check or embed_dim % num_heads:
+        return F.multi_head_attention_forward(*args, **kwargs)  # PyTorch's own shape errors
+    if use_separate_proj_weight:
+        b_q, b_k, b_v = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
+        q, k, v = F._in_projection(query, key, value, q_proj_weight, k_proj_weight, v_proj_weight, b_q, b_k, b_v)
+    else:
+        q, k, v = F._in_projection_packed(query, key, value, in_proj_weight, in_proj_bias)
+    hd = embed_dim // num_heads
+    q, k, v = (t.reshape(t.shape[0], bsz, num_heads, hd).permute(1, 2, 0, 3) for t in (q, k, v))
+    o = _sdpa(q, k, v, dropout_p=dropout_p if training else 0.0, is_causal=is_causal)
+    o = F.linear(o.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim), out_proj_weight, out_proj_bias)
+    o = o.view(tgt_len, bsz, embed_dim)
+    return (o if batched else o.squeeze(1)), None
+
+
 def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     return LayerNormFn.apply(input, shape, weight, bias, eps)
@@ -87,6 +132,7 @@ def _silu(input, inplace=False):
 
 ROUTES = {
     F.scaled_dot_product_attention: _sdpa,
+    F.multi_head_attention_forward: _multi_head_attention,
     F.layer_norm: _layer_norm,
     F.gelu: _gelu,
     F.silu: _silu,
