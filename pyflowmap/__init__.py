@@ -22,6 +22,7 @@ from pyflowmap.interpolants import GaussianBase, LinearInterpolant, TrigInterpol
 from pyflowmap.objectives import make_objective
 from pyflowmap.sampling import draw, sample, sample_ode, time_grid
 from pyflowmap.times import TimeSampler
+from pyflowmap.trigflow import TrigFlowConsistency, TrigFlowPath
 
 _moved.install()  # pre-restructure import paths (pyflowmap.train, pyflowmap.config, ...) keep working
 
@@ -31,5 +32,6 @@ __all__ = [
     "build_info", "has_cuda_kernels", "conditioning", "distributed", "nn", "objectives", "ops", "reference",
     "FlowMap", "JVP", "Dual", "FiniteDifference", "resolve_mode",
     "LinearInterpolant", "TrigInterpolant", "EDMSigmaPath", "EDMConsistency", "GaussianBase", "TimeSampler",
+    "TrigFlowPath", "TrigFlowConsistency",
     "make_objective", "sample", "sample_ode", "draw", "time_grid",
 ]

@@ -4,6 +4,8 @@ picks one by name."""
 
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import torch
@@ -14,6 +16,7 @@ from pyflowmap._tensors import batch_time
 from pyflowmap.consistency import EDMConsistency, intermediate_sigmas
 from pyflowmap.cuda_graphs import graph_sampler
 from pyflowmap.flowmap import FlowMap, as_velocity
+from pyflowmap.trigflow import HALF_PI, TrigFlowConsistency
 from pyflowmap.validation import check_batch, check_count, check_ordered, check_time
 
 
@@ -74,7 +77,7 @@ def _loop(model: FlowMap, x: torch.Tensor, g: torch.Tensor, kind: str, base, gen
 def sample(model, noise: torch.Tensor, steps: int | None = 1,
            grid: Sequence[float] | torch.Tensor | None = None, kind: str | None = None, base=None,
            generator: torch.Generator | None = None, graph: bool = False, return_trajectory: bool = False,
-           t_mid: float = 0.821, c: torch.Tensor | None = None, guidance: float | None = None, w=None):
+           t_mid: float | None = None, c: torch.Tensor | None = None, guidance: float | None = None, w=None):
     """Few-step sampling from ``noise``: the one sampler entry point of pyflowmap.
 
     ``c``: the condition of each sample (class labels ``[B]``, the null class for
@@ -105,7 +108,13 @@ def sample(model, noise: torch.Tensor, steps: int | None = 1,
     sampler): x = f(sigma_max z, sigma_max), then for each re-noise level s_i, x = f(x + s_i n,
     s_i) with fresh Gaussian n from ``generator``. ``grid`` is the list of re-noise levels
     (sigmas in (sigma_min, sigma_max]); by default ``steps`` picks ECT's: none for one step,
-    ``t_mid`` for two, a rho = 7 grid from ``t_mid`` down to 0.02 beyond.
+    ``t_mid`` (default 0.821) for two, a rho = 7 grid from ``t_mid`` down to 0.02 beyond.
+
+    For a :class:`~pyflowmap.trigflow.TrigFlowConsistency` (sCM; ``kind`` "consistency"): x =
+    f(sigma_d z, pi/2), then for each re-noise time tau_i (TrigFlow time, data at 0), x =
+    f(cos(tau_i) x + sin(tau_i) sigma_d n, tau_i). ``grid`` is the list of tau_i in (0, pi/2);
+    by default none for one step, sCM's ``t_mid`` = 1.1 for two, and beyond the rho = 7 sigma
+    grid from sigma_d tan(t_mid) down to 0.02, mapped to tau by tau = arctan(sigma / sigma_d).
 
     Returns ``[B, ...]``, or with ``return_trajectory`` (eager only) every state, stacked.
     """
@@ -116,7 +125,18 @@ def sample(model, noise: torch.Tensor, steps: int | None = 1,
             raise ValueError(f"an EDMConsistency model samples with kind='consistency' only, got {kind!r}")
         if graph:
             raise ValueError("graph=True captures flow-map sampling; EDM consistency sampling runs eagerly")
-        return _edm_consistency(model, noise, steps, grid, t_mid, generator, return_trajectory, c, w, guidance)
+        return _edm_consistency(model, noise, steps, grid, 0.821 if t_mid is None else t_mid, generator,
+                                return_trajectory, c, w, guidance)
+    if isinstance(model, TrigFlowConsistency):
+        if kind not in (None, "consistency"):
+            raise ValueError(f"a TrigFlowConsistency model samples with kind='consistency' only, got {kind!r}")
+        if graph:
+            raise ValueError("graph=True captures flow-map sampling; TrigFlow consistency sampling runs eagerly")
+        return _trigflow_consistency(model, noise, steps, grid, 1.1 if t_mid is None else t_mid, generator,
+                                     return_trajectory, c, w, guidance)
+    if t_mid is not None:
+        raise ValueError("t_mid is the re-noise level of a consistency model's two-step sampler; a FlowMap takes "
+                         "grid=[0, t_mid, 1] with kind='consistency'")
     kind = "flowmap" if kind is None else kind
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -136,6 +156,8 @@ def _conditioning(model, noise, c, w, guidance):
     """Checked (c, w as [B], guidance) of a sampler call."""
     if isinstance(model, (FlowMap, EDMConsistency)):
         cond_.check_condition("c", c, model, noise.shape[0])
+    elif isinstance(model, TrigFlowConsistency):
+        cond_.check_condition("c", c, model.net, noise.shape[0])
     if c is not None and c.device != noise.device:
         raise ValueError(f"c is on {c.device} but noise is on {noise.device}")
     guidance = cond_.check_guidance("guidance", guidance)
@@ -163,6 +185,30 @@ def _edm_consistency(model: EDMConsistency, noise, steps, levels, t_mid, generat
         x = model(x + s * z, s, **kw)
         if traj is not None:
             traj.append(x)
+    return torch.stack(traj) if traj is not None else x
+
+
+def _trigflow_consistency(model: TrigFlowConsistency, noise, steps, levels, t_mid, generator, return_trajectory,
+                          c=None, w=None, guidance=None):
+    path = model.path
+    if levels is None:
+        if not 0 < t_mid < HALF_PI:
+            raise ValueError(f"t_mid (TrigFlow time) must lie in (0, pi/2), got {t_mid}")
+        sigmas = intermediate_sigmas(steps, path.sigma_d * math.tan(t_mid))
+        levels = [math.atan(s / path.sigma_d) for s in sigmas]
+    else:
+        levels = [float(t) for t in levels]
+        if any(not (0 < t < HALF_PI) for t in levels):
+            raise ValueError("TrigFlow consistency sampling: re-noise times must lie in (0, pi/2)")
+    kw = {k: v for k, v in (("c", c), ("w", w), ("guidance", guidance)) if v is not None}
+    with torch.no_grad():
+        x = model(path.sigma_d * noise, HALF_PI, **kw)
+        traj = [x] if return_trajectory else None
+        for tau in levels:
+            z = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+            x = model(math.cos(tau) * x + math.sin(tau) * path.sigma_d * z, tau, **kw)
+            if traj is not None:
+                traj.append(x)
     return torch.stack(traj) if traj is not None else x
 
 
