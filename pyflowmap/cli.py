@@ -30,6 +30,8 @@ HELP = {
 }
 # image-train's own (the toy ``train`` has a --depth of its own)
 IMAGE_HELP = {
+    "objective": "fm, lsd, esd, psd-u, psd-m, meanflow, lmd, emd, pfmm, ect, ect-pretrain, sct, scd "
+                 "(lmd, emd, pfmm, scd: with --teacher, an fm run)",
     "model": "the network: unet (sized by --ch, --emb-dim, --attention) or dit (a Diffusion Transformer)",
     "dit_preset": "dit: the size, cpu-small, S/2, S/4, S/8, B/2, B/4, B/8, L/2, L/4, L/8",
     "patch": "dit: the patch side, dividing the image sides (0: the preset's)",
@@ -38,6 +40,9 @@ IMAGE_HELP = {
     "heads": "dit: attention heads, dividing --width (0: the preset's)",
     "qk_norm": "dit: RMSNorm of the queries and keys",
     "pos_embed": "dit: position embedding, sincos or learned",
+    "scm_param": "sct / scd: the TrigFlow parameterization, linear (the net is a flow-matching velocity, so an fm "
+                 "run can --init it) or trigflow (sCM's own)",
+    "scm_warmup": "sct / scd: tangent warm-up steps (0: a tenth of --steps)",
 }
 
 

@@ -10,10 +10,12 @@ from pyflowmap.flowmap import FlowMap
 from pyflowmap.images.data import DATASETS
 from pyflowmap.nn.dit import POS_EMBEDS, PRESETS, DiTFlowMap, preset_settings
 from pyflowmap.nn.unet import UNetFlowMap
-from pyflowmap.objectives import CONSISTENCY, DISTILLATION, OBJECTIVES
+from pyflowmap.objectives import CONSISTENCY, DISTILLATION, OBJECTIVES, SCM_OBJECTIVES
 from pyflowmap.training.config import LoopConfig
+from pyflowmap.trigflow import PARAMETERIZATIONS, TrigFlowConsistency, TrigFlowPath
 
-IMAGE_OBJECTIVES = OBJECTIVES
+IMAGE_OBJECTIVES = OBJECTIVES + SCM_OBJECTIVES
+TEACHER_OBJECTIVES = DISTILLATION + ("scd",)  # they distill the EMA velocity of an fm run
 IMAGE_MODELS = ("unet", "dit")
 # the DiT's fields and their defaults: a unet run takes none of them
 _DIT_FIELDS = {"dit_preset": "cpu-small", "patch": 0, "depth": 0, "width": 0, "heads": 0, "qk_norm": False,
@@ -26,8 +28,11 @@ class ImageConfig(LoopConfig):
 
     ``objective``: a flow-map objective (fm, lsd, esd, psd-u, psd-m, meanflow), a distillation
     objective (lmd, emd, pfmm: ``teacher`` is the directory of a finished ``fm`` run, whose EMA
-    velocity is distilled), ``ect`` (consistency tuning) or ``ect-pretrain`` (EDM denoising, the
-    diffusion model ECT tunes from). ``init``: a run directory whose EMA weights start this run
+    velocity is distilled), ``ect`` (consistency tuning), ``ect-pretrain`` (EDM denoising, the
+    diffusion model ECT tunes from), ``sct`` or ``scd`` (sCM's continuous-time consistency
+    training, or its distillation from the ``teacher`` fm run, on a TrigFlow model:
+    ``scm_param`` its parameterization, ``scm_warmup`` the tangent warm-up in steps, 0 resolving
+    to a tenth of ``steps`` and stored). ``init``: a run directory whose EMA weights start this run
     (ECT tuning from an ``ect-pretrain`` run; any run of the same model kind and size).
     ``ect_stage`` is ECT's stage length d in steps (0 resolves, at construction, to a quarter of
     ``steps``, and is stored so that a resumed or extended run keeps its schedule). ``teacher``
@@ -65,6 +70,8 @@ class ImageConfig(LoopConfig):
     qk_norm: bool = False  # dit: RMSNorm of queries and keys
     pos_embed: str = "sincos"  # dit: sincos (fixed) | learned
     ect_stage: int = 0
+    scm_param: str = "linear"  # sct / scd: the TrigFlow parameterization (linear | trigflow)
+    scm_warmup: int = 0  # sct / scd: tangent warm-up steps (0: a tenth of steps)
     ect_c: float = -1.0  # pseudo-Huber c; < 0: 0.00054 sqrt(pixels)
     warmup: int = 50
     fsdp: bool = False  # under torchrun: FSDP2 (sharded parameters, gradients, optimizer state), else DDP
@@ -78,6 +85,8 @@ class ImageConfig(LoopConfig):
     def __post_init__(self):
         if self.objective in CONSISTENCY and self.ect_stage == 0 and self.steps >= 1:
             self.ect_stage = max(1, self.steps // 4)
+        if self.objective in SCM_OBJECTIVES and self.scm_warmup == 0 and self.steps >= 1:
+            self.scm_warmup = max(1, self.steps // 10)
         for name in ("teacher", "init"):
             if getattr(self, name):
                 setattr(self, name, str(Path(getattr(self, name)).resolve()))
@@ -89,9 +98,14 @@ class ImageConfig(LoopConfig):
         need = self._need
 
         need(self.objective in IMAGE_OBJECTIVES, f"objective must be one of {IMAGE_OBJECTIVES}, got {self.objective!r}")
-        need((self.objective in DISTILLATION) == bool(self.teacher),
-             f"{self.objective!r} " + ("needs teacher= (an fm run directory)" if self.objective in DISTILLATION
+        need((self.objective in TEACHER_OBJECTIVES) == bool(self.teacher),
+             f"{self.objective!r} " + ("needs teacher= (an fm run directory)" if self.objective in TEACHER_OBJECTIVES
                                        else "takes no teacher"))
+        need(self.scm_param in PARAMETERIZATIONS, f"scm_param must be one of {PARAMETERIZATIONS}, got {self.scm_param!r}")
+        need(self.scm_warmup >= 0, f"scm_warmup must be >= 0, got {self.scm_warmup}")
+        need(not (self.guidance != 1 and self.objective == "sct"),
+             "guidance in training needs a teacher to guide: use scd, or train sct with p_uncond > 0 and guide at "
+             "sampling (--cfg-scale)")
         for name, most in (("ch", 4096), ("emb_dim", 65536), ("image_size", 4096)):
             need(getattr(self, name) <= most, f"{name} must be <= {most}, got {getattr(self, name)}")
         for name in ("ch", "emb_dim"):
@@ -107,7 +121,7 @@ class ImageConfig(LoopConfig):
         if self.guidance != 1 and self.objective == "ect":
             need(bool(self.init), "guidance in ECT tuning needs init= (the ect-pretrain run whose frozen "
                                   "denoiser gives the null prediction)")
-        need(not (self.guidance_max > 0 and self.objective in CONSISTENCY),
+        need(not (self.guidance_max > 0 and self.objective in CONSISTENCY + SCM_OBJECTIVES),
              f"guidance_max (w as a network input) is for flow-map objectives, not {self.objective!r}; "
              "use guidance= (one scale)")
         # central differences call the network three times: three different dropout masks
@@ -170,16 +184,23 @@ class ImageConfig(LoopConfig):
 
     @property
     def consistency(self) -> bool:
+        """An EDM consistency model (ECT and its pretraining)."""
         return self.objective in CONSISTENCY
+
+    @property
+    def trigflow(self) -> bool:
+        """A TrigFlow consistency model (sCT, sCD): its net is a flow-map net's, so fm runs init it."""
+        return self.objective in SCM_OBJECTIVES
 
 
 def build_image_model(cfg: ImageConfig, channels: int, num_classes: int | None = None,
-                      size=None) -> FlowMap | EDMConsistency:
+                      size=None) -> FlowMap | EDMConsistency | TrigFlowConsistency:
     """A :class:`UNetFlowMap` (``cfg.model == "unet"``) or a :class:`DiTFlowMap` (``"dit"``, on
     images of ``size``: an int or (H, W), which the DiT needs; default ``cfg.image_size``)
     inside a :class:`FlowMap` (flow-map objectives, base N(0, I) at
-    t = 0, data at t = 1) or inside an :class:`EDMConsistency` (ECT: EDM preconditioning, so
-    the net sees unit-scale inputs itself and gets ``data_std=1``). A ``cfg.conditional`` run's
+    t = 0, data at t = 1), inside an :class:`EDMConsistency` (ECT: EDM preconditioning, so
+    the net sees unit-scale inputs itself and gets ``data_std=1``) or inside a
+    :class:`TrigFlowConsistency` (sCT / sCD: sigma_d = 0.5, base N(0, I), ``cfg.scm_param``). A ``cfg.conditional`` run's
     net is conditioned on ``num_classes`` classes (plus the null class), and also takes the
     guidance scale as an input when ``cfg.guidance_max > 0``; ``num_classes`` is ignored for an
     unconditional run."""
@@ -200,4 +221,6 @@ def build_image_model(cfg: ImageConfig, channels: int, num_classes: int | None =
     else:
         net = UNetFlowMap(channels, ch=cfg.ch, emb_dim=cfg.emb_dim, attention=cfg.attention, dropout=cfg.dropout,
                           data_std=data_std, **cond)
+    if cfg.trigflow:
+        return TrigFlowConsistency(net, TrigFlowPath(sigma_d=0.5, base_std=1.0), parameterization=cfg.scm_param)
     return EDMConsistency(net) if cfg.consistency else FlowMap(net)

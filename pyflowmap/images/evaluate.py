@@ -16,11 +16,14 @@ from pyflowmap.consistency import EDMConsistency
 from pyflowmap.flowmap import FlowMap
 from pyflowmap.images.metrics import ImageEvaluator
 from pyflowmap.sampling import draw, sampler_name
+from pyflowmap.trigflow import TrigFlowConsistency
+
+CONSISTENCY_MODELS = (EDMConsistency, TrigFlowConsistency)
 
 
 def default_samplers(model) -> tuple[str, ...]:
     """What a model is sampled with: consistency models by re-noising, flow maps by jumps."""
-    return ("consistency",) if isinstance(model, EDMConsistency) else ("map",)
+    return ("consistency",) if isinstance(model, CONSISTENCY_MODELS) else ("map",)
 
 
 @torch.no_grad()
@@ -43,7 +46,7 @@ def generate(model, sampler: str, steps: int, n: int, shape, seed: int = 0, devi
             raise ValueError(f"labels must be a tensor [n={n}], got "
                              f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
         labels = labels.to(device)
-    is_cm = isinstance(model, EDMConsistency)
+    is_cm = isinstance(model, CONSISTENCY_MODELS)
     if is_cm != (name == "consistency"):
         raise ValueError(f"sampler {sampler!r} does not fit a {type(model).__name__}")
     # the starting noise comes from its own generator, so it is the same for every sampler and

@@ -12,6 +12,7 @@ import torch
 
 from pyflowmap.consistency import ECTSchedule
 from pyflowmap.derivatives import make_mode
+from pyflowmap.flowmap import FlowMap
 from pyflowmap.images.config import ImageConfig, build_image_model
 from pyflowmap.images.data import Batches, load_dataset
 from pyflowmap.interpolants import GaussianBase
@@ -151,7 +152,8 @@ class ImageTrainer(TrainerBase):
                                      f"must be a conditional ect-pretrain run trained with p_uncond > 0; {cfg.init} "
                                      f"is {init_cfg.objective!r} with p_uncond={init_cfg.p_uncond}")
                 self._init_model = init
-            model.load_state_dict(init.state_dict())
+            # the nets: an fm run starts a TrigFlow model (sCD from its teacher, as sCM does)
+            model.net.load_state_dict(init.net.state_dict())
         return model
 
     def build_objective(self):
@@ -167,24 +169,35 @@ class ImageTrainer(TrainerBase):
         # float64 differences keep the truncation/rounding balance of the 2D runs
         kwargs = dict(base=self.base, times=TimeSampler(diag_fraction=cfg.diag_fraction),
                       derivative=make_mode(cfg.derivative, self.model, fd_dtype=torch.float64))
+        if cfg.trigflow:
+            cond.pop("guidance_range", None)  # None: the config refuses guidance_max with sCM
+            teacher = self._teacher() if cfg.objective == "scd" else None
+            return make_objective(cfg.objective, teacher=teacher, warmup_steps=cfg.scm_warmup,
+                                  derivative=kwargs["derivative"], **cond)
         if cfg.objective in DISTILLATION:
-            teacher, tcfg, tstate = load_run(cfg.teacher, device=self.device)
-            self.teacher_digest = digest(teacher.state_dict())
-            if tcfg.objective != "fm" or tcfg.dataset != cfg.dataset:
-                raise ValueError(f"teacher run {cfg.teacher} must be an fm run on {cfg.dataset!r}, "
-                                 f"got {tcfg.objective!r} on {tcfg.dataset!r}")
-            t_classes = tstate.get("num_classes") if tcfg.conditional else None
-            if t_classes != self.num_classes:
-                raise ValueError(f"teacher run {cfg.teacher} is {_describe((t_classes, None))}, but this run is "
-                                 f"{_describe((self.num_classes, None))}: a distillation teacher must be "
-                                 "conditional (on the same classes) exactly when its student is")
-            if cfg.conditional and (cfg.guidance != 1 or cfg.guidance_max > 0) and tcfg.p_uncond <= 0:
-                raise ValueError(f"guidance in distillation uses the teacher's null prediction, but teacher run "
-                                 f"{cfg.teacher} was trained with p_uncond=0 (its null class never learned)")
+            teacher = self._teacher()
             if cfg.objective in ("lmd", "emd"):
                 kwargs["semigradient"] = cfg.semigradient
             return make_objective(cfg.objective, teacher=teacher, **kwargs, **cond)
         return make_objective(cfg.objective, **kwargs, **cond)
+
+    def _teacher(self) -> FlowMap:
+        """The EMA flow map of the ``teacher`` fm run, checked against this run."""
+        cfg = self.cfg
+        teacher, tcfg, tstate = load_run(cfg.teacher, device=self.device)
+        self.teacher_digest = digest(teacher.state_dict())
+        if tcfg.objective != "fm" or tcfg.dataset != cfg.dataset:
+            raise ValueError(f"teacher run {cfg.teacher} must be an fm run on {cfg.dataset!r}, "
+                             f"got {tcfg.objective!r} on {tcfg.dataset!r}")
+        t_classes = tstate.get("num_classes") if tcfg.conditional else None
+        if t_classes != self.num_classes:
+            raise ValueError(f"teacher run {cfg.teacher} is {_describe((t_classes, None))}, but this run is "
+                             f"{_describe((self.num_classes, None))}: a distillation teacher must be "
+                             "conditional (on the same classes) exactly when its student is")
+        if cfg.conditional and (cfg.guidance != 1 or cfg.guidance_max > 0) and tcfg.p_uncond <= 0:
+            raise ValueError(f"guidance in distillation uses the teacher's null prediction, but teacher run "
+                             f"{cfg.teacher} was trained with p_uncond=0 (its null class never learned)")
+        return teacher
 
     def build_optimizer(self, params):
         return torch.optim.Adam(params, lr=self.cfg.lr)
