@@ -27,7 +27,9 @@ TINY_DIT = dict(model="dit", patch=2, depth=2, width=16, heads=2)
 # the UNet with attention in the dual and jvp modes, and the DiT in both
 JOBS_IMAGE = [("ect-pretrain", "auto", {}), ("ect", "auto", {}), ("lmd", "dual", {}), ("emd", "jvp", {}),
               ("pfmm", "auto", {}), ("lsd", "jvp", {}), ("meanflow", "dual", {}),
-              ("lsd", "dual", TINY_DIT), ("meanflow", "jvp", TINY_DIT)]
+              ("lsd", "dual", TINY_DIT), ("meanflow", "jvp", TINY_DIT),
+              # sCM: continuous-time consistency training and distillation (guided teacher's plumbing aside)
+              ("sct", "dual", {}), ("scd", "jvp", {})]
 # checkpoint round trips under DDP and FSDP2 (whole-tensor optimizer state), and a step
 # whose loss is NaN on one rank only: every rank must skip it together, nobody hangs
 JOBS_RESUME = [("lsd", "dual", {"_resume_at": 2}), ("lsd", "dual", {"fsdp": True, "_resume_at": 2}),
@@ -40,7 +42,8 @@ JOBS_HANDOFF = [("emd", "dual", {"fsdp": True, "_stop_at": 2})]
 JOBS_FSDP = [("lsd", "dual", {"fsdp": True}), ("esd", "dual", {"fsdp": True}), ("meanflow", "dual", {"fsdp": True}),
              ("ect", "auto", {"fsdp": True}), ("lmd", "dual", {"fsdp": True}), ("psd-m", "auto", {"fsdp": True}),
              ("lsd", "jvp", {"fsdp": True}), ("lsd", "fd", {"fsdp": True}),
-             ("lsd", "dual", {"fsdp": True, **TINY_DIT}), ("esd", "jvp", {"fsdp": True, **TINY_DIT})]
+             ("lsd", "dual", {"fsdp": True, **TINY_DIT}), ("esd", "jvp", {"fsdp": True, **TINY_DIT}),
+             ("sct", "dual", {"fsdp": True}), ("scd", "dual", {"fsdp": True, **TINY_DIT})]
 
 
 def job_name(kind, obj, mode, extra) -> str:
@@ -57,7 +60,7 @@ def build(kind, obj, mode, extra, data=None, teacher="", out_dir=None):
     from pyflowmap.images.config import ImageConfig
     from pyflowmap.images.train import ImageTrainer
 
-    cfg = ImageConfig(objective=obj, derivative=mode, teacher=teacher if obj in ("lmd", "emd", "pfmm") else "",
+    cfg = ImageConfig(objective=obj, derivative=mode, teacher=teacher if obj in ("lmd", "emd", "pfmm", "scd") else "",
                       **{**TINY_IMAGE, **extra})
     return ImageTrainer(cfg, out_dir=out_dir, progress=False, data=data)
 
