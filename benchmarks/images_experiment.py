@@ -53,7 +53,7 @@ from pyflowmap.images.train import ImageTrainer, load_run
 from pyflowmap.training import CHECKPOINT
 from pyflowmap.training.checkpoint import atomic_write
 
-METHODS = ("fm", "lsd", "esd", "psd-u", "psd-m", "meanflow", "ect", "ect-tuned", "sct")
+METHODS = ("fm", "lsd", "esd", "psd-u", "psd-m", "meanflow", "shortcut", "ect", "ect-tuned", "sct")
 DISTILLED = ("lmd", "emd", "pfmm", "scd")
 COND_METHODS = ("fm", "lsd", "meanflow", "psd-m", "ect-tuned")  # the --conditional default
 VARIANTS = ("cfg-sample", "cfg-train")

@@ -69,6 +69,39 @@ class TimeSampler:
         return s, t, n_diag
 
 
+@dataclass
+class DyadicTimeSampler(TimeSampler):
+    """Shortcut models' times (Frans et al. 2024): the diagonal as :class:`TimeSampler`'s (flow
+    matching, d = 0), and off it a jump t - s = D = 2^-j with j uniform in {0, ..., levels - 1}
+    starting on that grid, s = i D with i uniform in {0, ..., 2^j - 1}. The self-consistency
+    target is built from two half jumps of d = D / 2; the finest half jump 2^-levels is the level
+    the diagonal trains (:class:`pyflowmap.nn.embeddings.DyadicStepEmbedding`)."""
+
+    levels: int = 7
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.levels, bool) or not isinstance(self.levels, int) or not 1 <= self.levels <= 30:
+            raise ValueError(f"DyadicTimeSampler: levels must be an int in [1, 30], got {self.levels!r}")
+        if (self.t_min, self.t_max) != (0.0, 1.0):
+            raise ValueError("DyadicTimeSampler: the dyadic grid spans [0, 1]; t_min and t_max cannot change")
+
+    def sample(self, n: int, generator=None, device=None, dtype=torch.float32):
+        n = check_count("DyadicTimeSampler.sample: n", n, minimum=0, maximum=MAX_BATCH)
+        n_diag = self.n_diagonal(n)
+        n_off = n - n_diag
+        t_diag = self._draw(n_diag, generator, device, dtype)
+        j = torch.randint(0, self.levels, (n_off,), generator=generator, device=device)
+        big = torch.pow(2.0, -j.to(torch.float64))
+        # i uniform in {0, ..., 2^j - 1}: floor(u 2^j), exact in float64 for j <= 30
+        u = torch.rand(n_off, generator=generator, device=device, dtype=torch.float64)
+        start = torch.floor(u * torch.pow(2.0, j.to(torch.float64))).clamp_max(torch.pow(2.0, j.to(torch.float64)) - 1)
+        s_off = (start * big).to(dtype)
+        s = torch.cat([t_diag, s_off])
+        t = torch.cat([t_diag, (start * big + big).to(dtype)])
+        return s, t, n_diag
+
+
 def psd_gamma(n: int, kind: str | float = "uniform", generator=None, device=None, dtype=torch.float32):
     """The PSD split weight g, shape ``[n]``.
 

@@ -42,7 +42,7 @@ def _best_cfd(model, evaluator, sampler=None):
     return min(r["cfd"] for r in rows)
 
 
-OBJECTIVES = ["fm", "lsd", "esd", "psd-u", "psd-m", "meanflow", "ect", "lmd", "emd", "pfmm"]
+OBJECTIVES = ["fm", "lsd", "esd", "psd-u", "psd-m", "meanflow", "shortcut", "ect", "lmd", "emd", "pfmm"]
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)

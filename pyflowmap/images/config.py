@@ -211,16 +211,18 @@ def build_image_model(cfg: ImageConfig, channels: int, num_classes: int | None =
                              f"got {num_classes!r}")
         cond = dict(num_classes=int(num_classes), guidance_input=cfg.guidance_max > 0)
     data_std = 1.0 if cfg.consistency else 0.5
+    # shortcut models condition on log2 of the jump (an fm run can still init one: same shapes)
+    step = {"step_embedding": "dyadic"} if cfg.objective == "shortcut" else {}
     if cfg.model == "dit":
         if size is None:
             if cfg.image_size < 1:
                 raise ValueError("a DiT image model needs the image size: pass size= (H, W) of the data")
             size = cfg.image_size
         settings = cfg.dit_settings(size)
-        net = DiTFlowMap(settings.pop("image_size"), channels, data_std=data_std, **settings, **cond)
+        net = DiTFlowMap(settings.pop("image_size"), channels, data_std=data_std, **settings, **cond, **step)
     else:
         net = UNetFlowMap(channels, ch=cfg.ch, emb_dim=cfg.emb_dim, attention=cfg.attention, dropout=cfg.dropout,
-                          data_std=data_std, **cond)
+                          data_std=data_std, **cond, **step)
     if cfg.trigflow:
         return TrigFlowConsistency(net, TrigFlowPath(sigma_d=0.5, base_std=1.0), parameterization=cfg.scm_param)
     return EDMConsistency(net) if cfg.consistency else FlowMap(net)

@@ -179,6 +179,9 @@ class ImageTrainer(TrainerBase):
             if cfg.objective in ("lmd", "emd"):
                 kwargs["semigradient"] = cfg.semigradient
             return make_objective(cfg.objective, teacher=teacher, **kwargs, **cond)
+        if cfg.objective == "shortcut":  # its own dyadic times, with this run's diagonal fraction
+            kwargs.pop("times")
+            kwargs["diag_fraction"] = cfg.diag_fraction
         return make_objective(cfg.objective, **kwargs, **cond)
 
     def _teacher(self) -> FlowMap:

@@ -11,7 +11,7 @@ from torch import nn
 from pyflowmap.conditioning import Conditioned
 from pyflowmap.nn import functional as DF
 from pyflowmap.nn.attention import Attention
-from pyflowmap.nn.embeddings import SinusoidalEmbedding, time_tangents
+from pyflowmap.nn.embeddings import SinusoidalEmbedding, make_step_embedding, time_tangents
 from pyflowmap.nn.forward_ad import AttentionFn
 from pyflowmap.nn.layers import Activation, Conv2d, DualModule, LayerNorm, Linear, RMSNorm, Sequential, modulate, stack
 
@@ -179,7 +179,8 @@ class DiTFlowMap(Conditioned, nn.Module):
     def __init__(self, image_size, channels: int = 1, patch: int = 2, width: int = 128, depth: int = 4,
                  heads: int = 4, mlp_ratio: float = 4.0, qk_norm: bool = False, pos_embed: str = "sincos",
                  emb_dim: int = 128, dropout: float = 0.0, data_std: float = 0.5, num_classes: int | None = None,
-                 cond_shape=None, guidance_input: bool = False):
+                 cond_shape=None, guidance_input: bool = False, step_embedding: str = "sinusoidal",
+                 step_levels: int = 7):
         super().__init__()
         h, w = _image_size(image_size)
         channels, patch = _positive_int("channels", channels), _positive_int("patch", patch)
@@ -213,7 +214,7 @@ class DiTFlowMap(Conditioned, nn.Module):
         self.grid = (h // patch, w // patch)
         tokens = self.grid[0] * self.grid[1]
 
-        self.emb_s, self.emb_dt = SinusoidalEmbedding(emb_dim), SinusoidalEmbedding(emb_dim)
+        self.emb_s, self.emb_dt = SinusoidalEmbedding(emb_dim), make_step_embedding(step_embedding, emb_dim, step_levels)
         self.cond = Sequential(Linear((3 if conditional else 2) * emb_dim, width), Activation("silu"),
                                Linear(width, width))
         self.cond_act = Activation("silu")  # SiLU(cond), shared by every AdaLN

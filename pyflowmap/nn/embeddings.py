@@ -48,3 +48,44 @@ class SinusoidalEmbedding(nn.Module):
         from pyflowmap.nn import functional as DF
 
         return DF.dual_sinusoidal(t, t_dot, self.freqs)
+
+
+STEP_EMBEDDINGS = ("sinusoidal", "dyadic")
+
+
+class DyadicStepEmbedding(nn.Module):
+    """Shortcut models' step-size conditioning (Frans et al. 2024): the jump d = t - s as its
+    level k = -log2(d) on the dyadic grid 1, 1/2, ..., 2^-levels (rounded to the nearest level;
+    d below 2^-levels, flow matching's d = 0 included, is the finest level, as in the paper's
+    code), embedded as the time k / levels. Piecewise constant in d, so its tangent is zero:
+    for derivative-free objectives (shortcut, PSD)."""
+
+    def __init__(self, dim: int, levels: int = 7):
+        super().__init__()
+        if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= 30:
+            raise ValueError(f"dyadic step levels must be an int in [1, 30], got {levels!r}")
+        self.levels = levels
+        self.inner = SinusoidalEmbedding(dim)
+        self.dim = dim
+
+    def level(self, d: torch.Tensor) -> torch.Tensor:
+        """k = round(-log2 d) clamped to [0, levels], as a float tensor like ``d``."""
+        floor = 2.0 ** -(self.levels + 1)
+        return torch.round(-torch.log2(d.clamp_min(floor))).clamp(0, self.levels)
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.level(d) / self.levels)
+
+    def dual(self, d: torch.Tensor, d_dot: torch.Tensor | None) -> torch.Tensor:
+        e = self.forward(d)
+        return torch.cat([e, torch.zeros_like(e)])
+
+
+def make_step_embedding(kind: str, dim: int, levels: int = 7) -> nn.Module:
+    """The embedding of the jump t - s: ``"sinusoidal"`` (a smooth function of t - s, what the
+    derivative-based objectives differentiate) or ``"dyadic"`` (:class:`DyadicStepEmbedding`)."""
+    if kind == "sinusoidal":
+        return SinusoidalEmbedding(dim)
+    if kind == "dyadic":
+        return DyadicStepEmbedding(dim, levels)
+    raise ValueError(f"step_embedding must be one of {STEP_EMBEDDINGS}, got {kind!r}")

@@ -9,7 +9,7 @@ from torch import nn
 from pyflowmap.conditioning import Conditioned
 from pyflowmap.nn import functional as DF
 from pyflowmap.nn.attention import Attention
-from pyflowmap.nn.embeddings import SinusoidalEmbedding, time_tangents
+from pyflowmap.nn.embeddings import SinusoidalEmbedding, make_step_embedding, time_tangents
 from pyflowmap.nn.layers import Activation, Conv2d, DualModule, GroupNorm, Linear, Sequential, modulate, stack
 
 
@@ -92,11 +92,12 @@ class UNetFlowMap(Conditioned, nn.Module):
 
     def __init__(self, channels: int = 1, ch: int = 32, emb_dim: int = 64, heads: int = 4,
                  groups: int = 8, attention: bool = True, data_std: float = 0.5, dropout: float = 0.0,
-                 num_classes: int | None = None, cond_shape=None, guidance_input: bool = False):
+                 num_classes: int | None = None, cond_shape=None, guidance_input: bool = False,
+                 step_embedding: str = "sinusoidal", step_levels: int = 7):
         super().__init__()
         cd = 4 * emb_dim
         self.channels = channels
-        self.emb_s, self.emb_dt = SinusoidalEmbedding(emb_dim), SinusoidalEmbedding(emb_dim)
+        self.emb_s, self.emb_dt = SinusoidalEmbedding(emb_dim), make_step_embedding(step_embedding, emb_dim, step_levels)
         conditional = self._init_condition(emb_dim, num_classes, cond_shape, guidance_input)
         self.cond = Sequential(Linear((3 if conditional else 2) * emb_dim, cd), Activation("silu"), Linear(cd, cd))
         self.inp = Conv2d(channels, ch, 3, padding=1)

@@ -79,7 +79,8 @@ def build_model(cfg: TrainConfig, data_std: torch.Tensor) -> FlowMap:
     net = FlowMapMLP(dim=2, hidden=cfg.hidden, depth=cfg.depth, emb_dim=cfg.emb_dim,
                      activation=cfg.activation, data_std=float(data_std.mean()),
                      num_classes=LABELLED[cfg.data] if cfg.conditional else None,
-                     guidance_input=cfg.conditional and cfg.guidance_max > 0)
+                     guidance_input=cfg.conditional and cfg.guidance_max > 0,
+                     step_embedding="dyadic" if cfg.objective == "shortcut" else "sinusoidal")
     return FlowMap(net)
 
 
@@ -95,4 +96,9 @@ def build_objective(cfg: TrainConfig, flowmap: FlowMap, base: GaussianBase):
     )
     if cfg.objective == "esd":
         kwargs["spatial_stopgrad"] = cfg.spatial_stopgrad
+    if cfg.objective == "shortcut":  # its own dyadic times: the diagonal fraction and distribution carry over
+        times = kwargs.pop("times")
+        if cfg.time_distribution != "uniform":
+            raise ValueError("shortcut draws dyadic jumps; time_distribution must stay 'uniform'")
+        kwargs["diag_fraction"] = times.diag_fraction
     return make_objective(cfg.objective, **kwargs)
