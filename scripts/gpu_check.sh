@@ -74,7 +74,7 @@ done
 
 [ -n "${SKIP_BENCH:-}" ] && exit 0
 step "benchmarks (cuda)"
-PYFLOWMAP_BENCH_DEVICES=cuda "$PY" -m pytest ${BENCH:-benchmarks/test_bench_flowmap_step.py benchmarks/test_bench_cuda.py benchmarks/test_bench_attention.py benchmarks/test_bench_guidance.py benchmarks/test_bench_transformer.py} \
+PYFLOWMAP_BENCH_DEVICES=cuda "$PY" -m pytest ${BENCH:-benchmarks/test_bench_flowmap_step.py benchmarks/test_bench_cuda.py benchmarks/test_bench_attention.py benchmarks/test_bench_guidance.py benchmarks/test_bench_transformer.py benchmarks/test_bench_scm.py} \
   -q -p no:cacheprovider --benchmark-json "$OUT/bench_cuda.json" --benchmark-columns=median,iqr > "$OUT/bench.log" 2>&1
 echo "bench exit $?"; tail -3 "$OUT/bench.log"
 "$PY" benchmarks/report.py "$OUT/bench_cuda.json" | tee "$OUT/bench_cuda.md"

@@ -145,3 +145,16 @@ def test_short_training_improves_the_checker_metric(objective):
     trained = evaluate(trainer.model, trainer.base, "checker", steps=(4,), samplers=("map",), n=16384)
     before, after = untrained["results"]["map"][4]["kl"], trained["results"]["map"][4]["kl"]
     assert after < before - 0.1, f"{objective}: 4-step KL {before:.3f} -> {after:.3f}"
+
+
+def test_logged_steps_carry_each_parts_gradient_norm():
+    """grad_norm_fm / grad_norm_distill: each part's gradient alone, on logged steps; the total
+    (pre-clipping) norm obeys the triangle inequality with them, which fails if they are not
+    the parts' own gradients."""
+    cfg = TrainConfig(objective="lsd", steps=6, **{**TINY, "log_every": 2})
+    trainer = Trainer(cfg, progress=False).fit()
+    assert len(trainer.history) == 3
+    for row in trainer.history:
+        a, b, total = row["grad_norm_fm"], row["grad_norm_distill"], row["grad_norm"]
+        assert a > 0 and b > 0
+        assert abs(a - b) - 1e-6 <= total <= a + b + 1e-6

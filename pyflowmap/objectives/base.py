@@ -29,12 +29,14 @@ class LossOutput:
     ``[B]``, the objective's parts in order (flow-map objectives: flow matching for the first
     ``n_diag`` samples, distillation for the rest; ECT: ``n_diag`` counts its r = 0 samples,
     whose target is the data). ``metrics``: detached scalars for logging: ``loss`` and one
-    mean per part named in the objective's ``parts``, plus any the objective adds."""
+    mean per part named in the objective's ``parts``, plus any the objective adds. ``parts``:
+    each part's term of ``loss``, with its graph (a trainer logs their gradient norms)."""
 
     loss: torch.Tensor
     per_sample: torch.Tensor
     n_diag: int
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -320,7 +322,7 @@ class Objective(ObjectiveBase):
                                               cond.rows(slice(n_diag, None)))
             parts.append(("distill", pred, target, so, to))
 
-        loss, metrics, per_sample = x1.new_zeros(()), {}, []
+        loss, metrics, per_sample, terms = x1.new_zeros(()), {}, [], {}
         for key, pred, target, ps, pt in parts:
             # one fused residual -> metric -> (weight) -> mean per part; with learned weighting
             # exp(-w) l + w is the weighted mean of l plus the mean of w
@@ -335,12 +337,13 @@ class Objective(ObjectiveBase):
             # sharded: this rank's share of the global mean, times W (DDP averages over ranks),
             # for the loss and for the logged part means alike
             share = self.share(shard, per.shape[0], counts[key])
-            loss = loss + (part * share).to(loss.dtype)
+            terms[key] = (part * share).to(loss.dtype)
+            loss = loss + terms[key]
             metrics[key] = per.detach().mean() * share
             per_sample.append(per)
         metrics["loss"] = loss.detach()
         per_sample = torch.cat(per_sample)
-        return LossOutput(loss=loss, per_sample=per_sample, n_diag=n_diag, metrics=metrics)
+        return LossOutput(loss=loss, per_sample=per_sample, n_diag=n_diag, metrics=metrics, parts=terms)
 
     def extra_repr(self) -> str:
         extra = "" if self.p_uncond == 0 else f", p_uncond={self.p_uncond}, guidance={self.guidance}, " \

@@ -175,13 +175,15 @@ class TrainerBase:
     # -- one step -----------------------------------------------------------------------------
     def train_step(self) -> dict | None:
         """One optimizer step; returns the step's scalars, or None if it was skipped."""
-        loss, metrics = self.parallel.loss()
+        loss, metrics, parts = self.parallel.loss()
         self.optimizer.zero_grad(set_to_none=True)
         # decided together: a rank that skipped backward alone would hang the others in DDP
         loss_ok = dist_.all_true(bool(torch.isfinite(loss)), self.device)
         finite = loss_ok
         gnorm = torch.tensor(float("nan"))
         if finite:
+            if len(parts) > 1 and (self.step + 1) % self.cfg.log_every == 0:
+                metrics = {**metrics, **self.part_grad_norms(parts)}
             loss.backward()
             # gradients are already averaged over ranks, so every rank clips alike
             gnorm = dist_.full(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
@@ -200,6 +202,20 @@ class TrainerBase:
         self.parallel.update_ema(self.ema, self.model, self.ema_decay())
         self.step += 1
         return {**metrics, "grad_norm": gnorm}
+
+    def part_grad_norms(self, parts: dict) -> dict:
+        """The gradient norm of each loss part alone (``grad_norm_<part>``), on logged steps of
+        a one-process run: which part drives the update, and which one spikes before a
+        divergence. One extra backward per part through the retained graph; no state changes."""
+        params = [p for p in self.params if p.requires_grad]
+        out = {}
+        for name, term in parts.items():
+            if not term.requires_grad:
+                continue
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            sq = [g.detach().pow(2).sum() for g in grads if g is not None]
+            out[f"grad_norm_{name}"] = torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
+        return out
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, steps: int | None = None, stop_after: int | None = None):

@@ -55,12 +55,13 @@ class Parallel:
         return 0 if self.shard is None else self.shard.rank
 
     def loss(self):
-        """(loss, metrics) of one step; wrapped, one DDP / FSDP2 forward spans every network
-        call of the step."""
+        """(loss, metrics, parts) of one step; wrapped, one DDP / FSDP2 forward spans every
+        network call of the step, and ``parts`` (the loss terms with their graphs) is empty."""
         if self.step_module is not None:
-            return self.step_module()
+            loss, metrics = self.step_module()
+            return loss, metrics, {}
         out = self._compute()
-        return out.loss, out.metrics
+        return out.loss, out.metrics, out.parts
 
     def reshard(self) -> None:
         """FSDP2 frees the gathered root weights in backward; after a step without backward
