@@ -223,6 +223,27 @@ def test_derivative_modes_agree_on_loss_and_gradients(kind, param, teacher):
             torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * 1e-2 * float(b.abs().max() + 1e-30))
 
 
+def test_dual_recomputes_the_primal_under_the_same_dropout_mask():
+    """In dual mode the tangent pass runs without a graph and F_theta is recomputed with one
+    under the restored RNG state: with dropout the loss and gradients still equal the jvp
+    mode's, where one call gives both (a second mask would leave ||F_theta - F-||^2 > 0)."""
+    torch.manual_seed(0)
+    net = pf.nn.UNetFlowMap(channels=1, ch=8, emb_dim=8, groups=4, data_std=1.0, dropout=0.3).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    model, y = pf.TrigFlowConsistency(net), rand(4, 1, 8, 8)
+    results = {}
+    for mode in ("dual", "jvp"):
+        torch.manual_seed(7)  # the dropout masks
+        out = SCM(derivative=mode, weighting=None, warmup_steps=0)(model, y, generator=torch.Generator().manual_seed(1))
+        results[mode] = (out.loss.detach(), torch.autograd.grad(out.loss, list(model.parameters())))
+    torch.testing.assert_close(results["dual"][0], results["jvp"][0], rtol=1e-10, atol=1e-14)
+    for a, b in zip(results["dual"][1], results["jvp"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
 def test_warmup_scales_the_second_term_and_normalization_bounds_g():
     model, y = pf.TrigFlowConsistency(mlp()), data(32)
     obj = SCM(weighting=None, warmup_steps=10)

@@ -83,6 +83,18 @@ def guided_call(fn, cond: Conditions, x, *times):
     return cond_.combine(out_c, out_null, cond.scale)
 
 
+def rng_state(device: torch.device):
+    """The global RNG state that dropout draws from on ``device`` (CUDA or CPU)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(device: torch.device, state) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def freeze(module):
     if isinstance(module, nn.Module):
         module.requires_grad_(False)

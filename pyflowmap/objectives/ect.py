@@ -12,19 +12,8 @@ from pyflowmap._tensors import expand_time
 from pyflowmap.consistency import ECTSchedule, EDMConsistency
 from pyflowmap.distributed import Shard
 from pyflowmap.losses import residual_loss
-from pyflowmap.objectives.base import LossOutput, ObjectiveBase, freeze
+from pyflowmap.objectives.base import LossOutput, ObjectiveBase, freeze, rng_state, set_rng_state
 from pyflowmap.validation import check_batch
-
-
-def _rng_state(device: torch.device):
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(device: torch.device, state) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
 
 
 class ECT(ObjectiveBase):
@@ -115,7 +104,7 @@ class ECT(ObjectiveBase):
             return LossOutput(loss=loss, per_sample=per, n_diag=0,
                               metrics={"loss": loss.detach(), "denoise": per.detach().mean() * scale})
         r = self.schedule.r(t, step)
-        rng = _rng_state(dev)
+        rng = rng_state(dev)
         pred = model(x_t, t, **cond.kw)
         with torch.no_grad():
             zero = r == 0
@@ -123,7 +112,7 @@ class ECT(ObjectiveBase):
             target = d.clone()
             # sharded, every rank runs the same network calls (FSDP2 gathers per call)
             if shard is not None or not bool(zero.all()):
-                _set_rng_state(dev, rng)  # same dropout mask as the t pass
+                set_rng_state(dev, rng)  # same dropout mask as the t pass
                 live = ~zero
                 # every sample goes through the network so the mask lines up with the t pass;
                 # r = 0 samples take the data as target
