@@ -115,6 +115,8 @@ def sample(model, noise: torch.Tensor, steps: int | None = 1,
     f(cos(tau_i) x + sin(tau_i) sigma_d n, tau_i). ``grid`` is the list of tau_i in (0, pi/2);
     by default none for one step, sCM's ``t_mid`` = 1.1 for two, and beyond the rho = 7 sigma
     grid from sigma_d tan(t_mid) down to 0.02, mapped to tau by tau = arctan(sigma / sigma_d).
+    ``graph=True`` captures it like the flow-map consistency sampler (noise from the default
+    CUDA generator).
 
     Returns ``[B, ...]``, or with ``return_trajectory`` (eager only) every state, stacked.
     """
@@ -130,10 +132,16 @@ def sample(model, noise: torch.Tensor, steps: int | None = 1,
     if isinstance(model, TrigFlowConsistency):
         if kind not in (None, "consistency"):
             raise ValueError(f"a TrigFlowConsistency model samples with kind='consistency' only, got {kind!r}")
+        taus = _trigflow_levels(model, steps, grid, 1.1 if t_mid is None else t_mid, noise)
         if graph:
-            raise ValueError("graph=True captures flow-map sampling; TrigFlow consistency sampling runs eagerly")
-        return _trigflow_consistency(model, noise, steps, grid, 1.1 if t_mid is None else t_mid, generator,
-                                     return_trajectory, c, w, guidance)
+            if return_trajectory:
+                raise ValueError("return_trajectory is not available with graph=True")
+            loop = lambda x, taus_, base_, c_, w_: _trigflow_loop(model, x, taus_, None, None, c_, w_,  # noqa: E731
+                                                                  guidance)
+            return graph_sampler(model, loop, noise, taus, "trigflow", None, generator, c, w, guidance)(noise, c, w)
+        traj = [] if return_trajectory else None
+        x = _trigflow_loop(model, noise, taus, generator, traj, c, w, guidance)
+        return torch.stack(traj) if traj is not None else x
     if t_mid is not None:
         raise ValueError("t_mid is the re-noise level of a consistency model's two-step sampler; a FlowMap takes "
                          "grid=[0, t_mid, 1] with kind='consistency'")
@@ -188,8 +196,8 @@ def _edm_consistency(model: EDMConsistency, noise, steps, levels, t_mid, generat
     return torch.stack(traj) if traj is not None else x
 
 
-def _trigflow_consistency(model: TrigFlowConsistency, noise, steps, levels, t_mid, generator, return_trajectory,
-                          c=None, w=None, guidance=None):
+def _trigflow_levels(model: TrigFlowConsistency, steps, levels, t_mid, noise) -> torch.Tensor:
+    """[pi/2, tau_1, ...]: the start and the re-noise times, as a tensor on ``noise``'s device."""
     path = model.path
     if levels is None:
         if not 0 < t_mid < HALF_PI:
@@ -200,16 +208,26 @@ def _trigflow_consistency(model: TrigFlowConsistency, noise, steps, levels, t_mi
         levels = [float(t) for t in levels]
         if any(not (0 < t < HALF_PI) for t in levels):
             raise ValueError("TrigFlow consistency sampling: re-noise times must lie in (0, pi/2)")
+    dtype = torch.promote_types(noise.dtype, torch.float32)
+    return torch.tensor([HALF_PI, *levels], dtype=dtype, device=noise.device)
+
+
+def _trigflow_loop(model: TrigFlowConsistency, noise, taus, generator, traj, c=None, w=None, guidance=None):
+    """x = f(sigma_d z, pi/2), then x = f(cos(tau) x + sin(tau) sigma_d n, tau) per re-noise
+    time: device tensors only, so a CUDA graph can capture it."""
     kw = {k: v for k, v in (("c", c), ("w", w), ("guidance", guidance)) if v is not None}
+    sd = model.path.sigma_d
     with torch.no_grad():
-        x = model(path.sigma_d * noise, HALF_PI, **kw)
-        traj = [x] if return_trajectory else None
-        for tau in levels:
+        x = model(sd * noise, taus[0], **kw)
+        if traj is not None:
+            traj.append(x)
+        for i in range(1, taus.shape[0]):
+            tau = taus[i]
             z = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
-            x = model(math.cos(tau) * x + math.sin(tau) * path.sigma_d * z, tau, **kw)
+            x = model((torch.cos(tau) * x + torch.sin(tau) * sd * z).to(noise.dtype), tau, **kw)
             if traj is not None:
                 traj.append(x)
-    return torch.stack(traj) if traj is not None else x
+    return x
 
 
 @torch.no_grad()
