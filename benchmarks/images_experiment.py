@@ -94,8 +94,9 @@ def run_method(method: str, root: Path, base: dict, steps: int, progress: bool) 
     extra = {}
     if method in DISTILLED:
         extra = dict(teacher=str(root / "fm"), semigradient=method == "emd")
-        if method == "scd":  # sCM starts the student at its teacher (the linear parameterization's denoiser)
-            extra["init"] = str(root / "fm")
+        if method == "scd":  # sCM starts the student at its teacher (the linear parameterization's denoiser),
+            extra["init"] = str(root / "fm")  # so it keeps the teacher's time embedding
+            extra["time_scale"] = 100.0
         if base.get("guidance", 1.0) != 1:  # cfg-train: the teacher is guided already; distill it as it is
             extra["guidance"] = 1.0
     t = train(root / method, ImageConfig(**{**base, **extra, "objective": method, "steps": steps}), progress)

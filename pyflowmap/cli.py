@@ -15,14 +15,20 @@ import torch
 from pyflowmap.conditioning import num_classes
 from pyflowmap.sampling import draw
 from pyflowmap.toy2d.config import TrainConfig
-from pyflowmap.toy2d.evaluate import SAMPLERS, evaluate, format_table, load_model, to_json
+from pyflowmap.toy2d.evaluate import ALL_SAMPLERS, default_samplers, evaluate, format_table, load_model, starting_noise, to_json
 from pyflowmap.toy2d.train import Trainer
 from pyflowmap.training import CHECKPOINT, NonFiniteTraining, atomic_write
 from pyflowmap.training.rundir import RunLock
 
 HELP = {
     "data": "2D dataset: checker, 8gaussians, moons, spiral",
-    "objective": "fm, lsd, esd, psd-u, psd-m",
+    "objective": "fm, lsd, esd, psd-u, psd-m, meanflow, shortcut, sct, scd (scd: with --teacher, a 2D fm run)",
+    "teacher": "scd: the run directory of a finished fm run on the same data",
+    "scm_param": "sct / scd: the TrigFlow parameterization, linear (the net is a flow-matching velocity, so an fm "
+                 "run can --init it) or trigflow (sCM's own)",
+    "scm_warmup": "sct / scd: tangent warm-up steps (0: a tenth of --steps)",
+    "time_scale": "frequency scale of the time embeddings (0: 10 for sct / scd, whose tangent differentiates "
+                  "them, 100 otherwise)",
     "derivative": "how derivatives are taken: auto, jvp (torch.func), fd (central differences), dual",
     "steps": "total optimizer steps",
     "batch": "batch size",
@@ -30,7 +36,7 @@ HELP = {
 }
 # image-train's own (the toy ``train`` has a --depth of its own)
 IMAGE_HELP = {
-    "objective": "fm, lsd, esd, psd-u, psd-m, meanflow, lmd, emd, pfmm, ect, ect-pretrain, sct, scd "
+    "objective": "fm, lsd, esd, psd-u, psd-m, meanflow, shortcut, lmd, emd, pfmm, ect, ect-pretrain, sct, scd "
                  "(lmd, emd, pfmm, scd: with --teacher, an fm run)",
     "model": "the network: unet (sized by --ch, --emb-dim, --attention) or dit (a Diffusion Transformer)",
     "dit_preset": "dit: the size, cpu-small, S/2, S/4, S/8, B/2, B/4, B/8, L/2, L/4, L/8",
@@ -40,9 +46,6 @@ IMAGE_HELP = {
     "heads": "dit: attention heads, dividing --width (0: the preset's)",
     "qk_norm": "dit: RMSNorm of the queries and keys",
     "pos_embed": "dit: position embedding, sincos or learned",
-    "scm_param": "sct / scd: the TrigFlow parameterization, linear (the net is a flow-matching velocity, so an fm "
-                 "run can --init it) or trigflow (sCM's own)",
-    "scm_warmup": "sct / scd: tangent warm-up steps (0: a tenth of --steps)",
 }
 
 
@@ -225,16 +228,19 @@ def cmd_sample(args) -> int:
         raise ValueError(f"--label must be in [0, {k}] ({k} is the null class)" if k is not None
                          else "--label needs a conditional run (trained with --conditional)")
     labels = None if k is None else torch.full((args.n,), k if args.label is None else args.label)
-    x = draw(model, base.sample((args.n, 2), generator=g), args.sampler, args.steps, c=labels,
+    sampler = args.sampler or default_samplers(model)[0]
+    if sampler not in default_samplers(model):
+        raise ValueError(f"--sampler {sampler} does not fit this run; use {', '.join(default_samplers(model))}")
+    x = draw(model, starting_noise(model, base, args.n, generator=g), sampler, args.steps, c=labels,
              guidance=args.cfg_scale)
     out = Path(args.out)
     if out.suffix == ".png":
         from pyflowmap.toy2d.plots import plot_sample_grid
 
-        plot_sample_grid({(args.sampler, args.steps): x}, out)
+        plot_sample_grid({(sampler, args.steps): x}, out)
     else:
         atomic_write(out, lambda f: torch.save(x, f))
-    print(f"wrote {args.n} samples ({args.sampler}, {args.steps} steps) to {out}")
+    print(f"wrote {args.n} samples ({sampler}, {args.steps} steps) to {out}")
     return 0
 
 
@@ -261,7 +267,7 @@ def cmd_demo(args) -> int:
         trainer.fit()
         trainer.close()
         _require_final_save(trainer)
-        _run_eval(out, args.eval_steps, SAMPLERS, args.n, args.seed_eval, True)
+        _run_eval(out, args.eval_steps, None, args.n, args.seed_eval, True)
     return 0
 
 
@@ -295,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="metrics table, metrics.json and samples.png of a run")
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint file")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    p.add_argument("--samplers", nargs="+", default=None, choices=ALL_SAMPLERS,
+                   help="default: map euler heun (a flow map), consistency (an sct / scd run)")
     p.add_argument("--n", type=int, default=65536)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
@@ -307,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw samples from a run (.pt tensor or .png)")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--sampler", default="map", choices=SAMPLERS)
+    p.add_argument("--sampler", default=None, choices=ALL_SAMPLERS,
+                   help="default: map (a flow map), consistency (an sct / scd run)")
     p.add_argument("--label", type=int, default=None,
                    help="conditional runs: the class to sample (default: the null class, unconditional)")
     p.add_argument("--cfg-scale", type=float, default=None,

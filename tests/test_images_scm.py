@@ -54,8 +54,11 @@ def test_short_training_improves_the_metric(objective, evaluator, fm_teacher, tm
 
 def test_scd_starts_from_its_teacher_as_a_denoiser(fm_teacher, tmp_path):
     teacher = load_run(fm_teacher)[0]
-    scd = ImageTrainer(ImageConfig(objective="scd", steps=2, teacher=str(fm_teacher), init=str(fm_teacher), **TINY),
-                       out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="--time-scale 100"):  # sCM's default 10 is not the teacher's embedding
+        ImageTrainer(ImageConfig(objective="scd", steps=2, teacher=str(fm_teacher), init=str(fm_teacher), **TINY),
+                     out_dir=tmp_path / "refused", progress=False)
+    scd = ImageTrainer(ImageConfig(objective="scd", steps=2, teacher=str(fm_teacher), init=str(fm_teacher),
+                                   time_scale=100.0, **TINY), out_dir=tmp_path, progress=False)
     for a, b in zip(scd.model.net.parameters(), teacher.net.parameters()):
         assert torch.equal(a, b)
     # the linear parameterization makes f = I_t + (1 - t) u: the teacher's denoiser E[y | x]
@@ -70,7 +73,7 @@ def test_resume_is_exact_with_dropout(tmp_path):
     full = ImageTrainer(cfg, out_dir=tmp_path / "full", progress=False).fit()
     ImageTrainer(cfg, out_dir=tmp_path / "split", progress=False).fit(stop_after=3)
     resumed = ImageTrainer.resume(tmp_path / "split", progress=False).fit()
-    assert resumed.step == full.step == 6 and full.cfg.scm_warmup == 1
+    assert resumed.step == full.step == 6 and full.cfg.scm_warmup == 1 and full.cfg.time_scale == 10
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
     for a, b in zip(full.objective.state_dict().values(), resumed.objective.state_dict().values()):
@@ -83,6 +86,7 @@ def test_resume_is_exact_with_dropout(tmp_path):
     ({"objective": "sct", "teacher": "/tmp"}, "takes no teacher"),
     ({"objective": "sct", "scm_param": "edm"}, "scm_param"),
     ({"objective": "sct", "scm_warmup": -1}, "scm_warmup"),
+    ({"objective": "sct", "time_scale": -1.0}, "time_scale"),
     ({"objective": "sct", "conditional": True, "p_uncond": 0.1, "guidance": 2.0}, "guidance"),
     ({"objective": "sct", "conditional": True, "p_uncond": 0.1, "guidance_max": 3.0}, "guidance_max"),
 ])

@@ -72,6 +72,7 @@ class ImageConfig(LoopConfig):
     ect_stage: int = 0
     scm_param: str = "linear"  # sct / scd: the TrigFlow parameterization (linear | trigflow)
     scm_warmup: int = 0  # sct / scd: tangent warm-up steps (0: a tenth of steps)
+    time_scale: float = 0.0  # the time embeddings' frequency scale; 0: 10 for sct / scd, 100 otherwise
     ect_c: float = -1.0  # pseudo-Huber c; < 0: 0.00054 sqrt(pixels)
     warmup: int = 50
     fsdp: bool = False  # under torchrun: FSDP2 (sharded parameters, gradients, optimizer state), else DDP
@@ -87,6 +88,8 @@ class ImageConfig(LoopConfig):
             self.ect_stage = max(1, self.steps // 4)
         if self.objective in SCM_OBJECTIVES and self.scm_warmup == 0 and self.steps >= 1:
             self.scm_warmup = max(1, self.steps // 10)
+        if self.time_scale == 0:  # sCM's tangent runs through d/dt of the embedding: low frequencies
+            self.time_scale = 10.0 if self.objective in SCM_OBJECTIVES else 100.0
         for name in ("teacher", "init"):
             if getattr(self, name):
                 setattr(self, name, str(Path(getattr(self, name)).resolve()))
@@ -103,6 +106,8 @@ class ImageConfig(LoopConfig):
                                        else "takes no teacher"))
         need(self.scm_param in PARAMETERIZATIONS, f"scm_param must be one of {PARAMETERIZATIONS}, got {self.scm_param!r}")
         need(self.scm_warmup >= 0, f"scm_warmup must be >= 0, got {self.scm_warmup}")
+        need(self.time_scale > 0, f"time_scale must be > 0 (0 at construction: the objective's default), "
+                                  f"got {self.time_scale}")
         need(not (self.guidance != 1 and self.objective == "sct"),
              "guidance in training needs a teacher to guide: use scd, or train sct with p_uncond > 0 and guide at "
              "sampling (--cfg-scale)")
@@ -179,8 +184,8 @@ class ImageConfig(LoopConfig):
         if self.model == "dit":
             settings = self.dit_settings(size)
             settings.pop("dropout")  # not a shape
-            return ("dit", self.consistency, tuple(sorted(settings.items())))
-        return ("unet", self.consistency, self.ch, self.emb_dim, self.attention)
+            return ("dit", self.consistency, self.time_scale, tuple(sorted(settings.items())))
+        return ("unet", self.consistency, self.time_scale, self.ch, self.emb_dim, self.attention)
 
     @property
     def consistency(self) -> bool:
@@ -213,6 +218,7 @@ def build_image_model(cfg: ImageConfig, channels: int, num_classes: int | None =
     data_std = 1.0 if cfg.consistency else 0.5
     # shortcut models condition on log2 of the jump (an fm run can still init one: same shapes)
     step = {"step_embedding": "dyadic"} if cfg.objective == "shortcut" else {}
+    step["time_scale"] = cfg.time_scale
     if cfg.model == "dit":
         if size is None:
             if cfg.image_size < 1:

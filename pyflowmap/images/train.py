@@ -135,6 +135,10 @@ class ImageTrainer(TrainerBase):
         model = build_image_model(cfg, self.channels, self.num_classes, size=self.size).to(self.device)
         if cfg.init:
             init, init_cfg, init_state = load_run(cfg.init, device=self.device)
+            if init_cfg.time_scale != cfg.time_scale:
+                raise ValueError(f"init run {cfg.init} embeds times at scale {init_cfg.time_scale:g}, this run at "
+                                 f"{cfg.time_scale:g} (sct / scd default to 10, the others to 100): pass "
+                                 f"--time-scale {init_cfg.time_scale:g} to start from it")
             if (init_cfg.architecture(tuple(init_state["size"])), init_state["channels"]) != \
                     (cfg.architecture(self.size), self.channels):
                 what = "model/patch/depth/width/heads/qk_norm/pos_embed" if cfg.model == "dit" else \

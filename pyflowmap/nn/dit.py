@@ -180,7 +180,7 @@ class DiTFlowMap(Conditioned, nn.Module):
                  heads: int = 4, mlp_ratio: float = 4.0, qk_norm: bool = False, pos_embed: str = "sincos",
                  emb_dim: int = 128, dropout: float = 0.0, data_std: float = 0.5, num_classes: int | None = None,
                  cond_shape=None, guidance_input: bool = False, step_embedding: str = "sinusoidal",
-                 step_levels: int = 7):
+                 step_levels: int = 7, time_scale: float = 100.0):
         super().__init__()
         h, w = _image_size(image_size)
         channels, patch = _positive_int("channels", channels), _positive_int("patch", patch)
@@ -214,7 +214,8 @@ class DiTFlowMap(Conditioned, nn.Module):
         self.grid = (h // patch, w // patch)
         tokens = self.grid[0] * self.grid[1]
 
-        self.emb_s, self.emb_dt = SinusoidalEmbedding(emb_dim), make_step_embedding(step_embedding, emb_dim, step_levels)
+        self.emb_s = SinusoidalEmbedding(emb_dim, scale=time_scale)
+        self.emb_dt = make_step_embedding(step_embedding, emb_dim, step_levels, time_scale)
         self.cond = Sequential(Linear((3 if conditional else 2) * emb_dim, width), Activation("silu"),
                                Linear(width, width))
         self.cond_act = Activation("silu")  # SiLU(cond), shared by every AdaLN

@@ -26,13 +26,17 @@ class SinusoidalEmbedding(nn.Module):
     ``scale / max_period`` radians per unit time. The default 100 resolves jumps t - s of about
     0.01; the diffusion-step convention (1000) makes d/dt of the embedding large, which inflates
     the gradients of derivative-based objectives (LSD's gradient norm was ~5x larger with 1000
-    in a 2D checker run, and it learned more slowly).
+    in a 2D checker run, and it learned more slowly). sCM's tangent is the same story: its
+    d/dtau runs through this embedding, and on Gaussian data sCT / sCD converge at scale 10 and
+    not at 100 (``tests/test_scm.py``), which is why sCM runs default to 10.
     """
 
     def __init__(self, dim: int, scale: float = 100.0, max_period: float = 10000.0):
         super().__init__()
         if dim < 2 or dim % 2:
             raise ValueError(f"embedding dim must be even and >= 2, got {dim}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"time embedding scale must be a positive number, got {scale!r}")
         half = dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
         self.register_buffer("freqs", (scale * freqs).float(), persistent=False)
@@ -81,11 +85,12 @@ class DyadicStepEmbedding(nn.Module):
         return torch.cat([e, torch.zeros_like(e)])
 
 
-def make_step_embedding(kind: str, dim: int, levels: int = 7) -> nn.Module:
+def make_step_embedding(kind: str, dim: int, levels: int = 7, scale: float = 100.0) -> nn.Module:
     """The embedding of the jump t - s: ``"sinusoidal"`` (a smooth function of t - s, what the
-    derivative-based objectives differentiate) or ``"dyadic"`` (:class:`DyadicStepEmbedding`)."""
+    derivative-based objectives differentiate; ``scale`` as :class:`SinusoidalEmbedding`'s) or
+    ``"dyadic"`` (:class:`DyadicStepEmbedding`)."""
     if kind == "sinusoidal":
-        return SinusoidalEmbedding(dim)
+        return SinusoidalEmbedding(dim, scale=scale)
     if kind == "dyadic":
         return DyadicStepEmbedding(dim, levels)
     raise ValueError(f"step_embedding must be one of {STEP_EMBEDDINGS}, got {kind!r}")

@@ -36,15 +36,15 @@ class FlowMapMLP(Conditioned, nn.Module):
     def __init__(self, dim: int = 2, hidden: int = 512, depth: int = 4, emb_dim: int = 64,
                  activation: str = "gelu", data_std: float | torch.Tensor = 1.0, num_classes: int | None = None,
                  cond_shape=None, guidance_input: bool = False, step_embedding: str = "sinusoidal",
-                 step_levels: int = 7):
+                 step_levels: int = 7, time_scale: float = 100.0):
         super().__init__()
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"dim, hidden and depth must be positive, got {dim}, {hidden}, {depth}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.dim = dim
-        self.emb_s = SinusoidalEmbedding(emb_dim)
-        self.emb_dt = make_step_embedding(step_embedding, emb_dim, step_levels)
+        self.emb_s = SinusoidalEmbedding(emb_dim, scale=time_scale)
+        self.emb_dt = make_step_embedding(step_embedding, emb_dim, step_levels, time_scale)
         layers: list[nn.Module] = []
         conditional = self._init_condition(emb_dim, num_classes, cond_shape, guidance_input)
         width = dim + (3 if conditional else 2) * emb_dim

@@ -93,11 +93,12 @@ class UNetFlowMap(Conditioned, nn.Module):
     def __init__(self, channels: int = 1, ch: int = 32, emb_dim: int = 64, heads: int = 4,
                  groups: int = 8, attention: bool = True, data_std: float = 0.5, dropout: float = 0.0,
                  num_classes: int | None = None, cond_shape=None, guidance_input: bool = False,
-                 step_embedding: str = "sinusoidal", step_levels: int = 7):
+                 step_embedding: str = "sinusoidal", step_levels: int = 7, time_scale: float = 100.0):
         super().__init__()
         cd = 4 * emb_dim
         self.channels = channels
-        self.emb_s, self.emb_dt = SinusoidalEmbedding(emb_dim), make_step_embedding(step_embedding, emb_dim, step_levels)
+        self.emb_s = SinusoidalEmbedding(emb_dim, scale=time_scale)
+        self.emb_dt = make_step_embedding(step_embedding, emb_dim, step_levels, time_scale)
         conditional = self._init_condition(emb_dim, num_classes, cond_shape, guidance_input)
         self.cond = Sequential(Linear((3 if conditional else 2) * emb_dim, cd), Activation("silu"), Linear(cd, cd))
         self.inp = Conv2d(channels, ch, 3, padding=1)

@@ -10,10 +10,13 @@ from pyflowmap.derivatives import make_mode
 from pyflowmap.flowmap import FlowMap
 from pyflowmap.interpolants import INTERPOLANTS, GaussianBase
 from pyflowmap.nn.mlp import ACTIVATIONS, FlowMapMLP
-from pyflowmap.objectives import DISTILLATION, SELF_DISTILLATION, LearnedWeighting, make_objective
+from pyflowmap.objectives import DISTILLATION, SCM_OBJECTIVES, SELF_DISTILLATION, LearnedWeighting, make_objective
 from pyflowmap.times import TimeSampler
 from pyflowmap.toy2d.data import DATASETS, LABELLED, sample_data
 from pyflowmap.training.config import LoopConfig
+from pyflowmap.trigflow import PARAMETERIZATIONS, TrigFlowConsistency, TrigFlowPath
+
+TOY_OBJECTIVES = SELF_DISTILLATION + SCM_OBJECTIVES
 
 
 @dataclass
@@ -27,6 +30,10 @@ class TrainConfig(LoopConfig):
     ``conditional=True`` trains on a labelled toy (``8gaussians``: the component, ``moons``:
     the half circle, ``checker``: the light square; :data:`pyflowmap.toy2d.data.LABELLED`) with
     the loop's conditioning fields (``p_uncond``, ``guidance``, ``guidance_max``).
+
+    ``sct`` / ``scd``: sCM on TrigFlow (sigma_d = the mean data std, which is also the linear
+    interpolant's base std here, k = 1); ``scd`` distills the EMA velocity of the ``teacher``
+    2D fm run; ``scm_param``, ``scm_warmup`` (0: a tenth of ``steps``) as in the image trainer.
     """
 
     data: str = "checker"
@@ -43,14 +50,40 @@ class TrainConfig(LoopConfig):
     emb_dim: int = 64
     activation: str = "gelu"
     lr_decay_after: int = 1500  # sqrt decay lr * sqrt(a / step) after step a; 0 disables
+    teacher: str = ""  # scd: the directory of a finished 2D fm run on the same data
+    scm_param: str = "linear"  # sct / scd: the TrigFlow parameterization (linear | trigflow)
+    scm_warmup: int = 0  # sct / scd: tangent warm-up steps (0: a tenth of steps)
+    time_scale: float = 0.0  # the time embeddings' frequency scale; 0: 10 for sct / scd, 100 otherwise
+
+    def __post_init__(self):
+        if self.objective in SCM_OBJECTIVES and self.scm_warmup == 0 and self.steps >= 1:
+            self.scm_warmup = max(1, self.steps // 10)
+        if self.time_scale == 0:
+            self.time_scale = 10.0 if self.objective in SCM_OBJECTIVES else 100.0
+        if self.teacher:
+            from pathlib import Path
+
+            self.teacher = str(Path(self.teacher).resolve())
+        super().__post_init__()
 
     def validate_fields(self) -> None:
         need = self._need
 
         need(self.data in DATASETS, f"data must be one of {sorted(DATASETS)}, got {self.data!r}")
-        need(self.objective in SELF_DISTILLATION,
-             f"objective must be one of {SELF_DISTILLATION} (distillation objectives {DISTILLATION} "
-             f"need a teacher and are used from Python), got {self.objective!r}")
+        need(self.objective in TOY_OBJECTIVES,
+             f"objective must be one of {TOY_OBJECTIVES} (distillation objectives {DISTILLATION} "
+             f"are used from Python), got {self.objective!r}")
+        need((self.objective == "scd") == bool(self.teacher),
+             "scd needs teacher= (a 2D fm run directory)" if self.objective == "scd"
+             else f"{self.objective!r} takes no teacher")
+        need(self.scm_param in PARAMETERIZATIONS, f"scm_param must be one of {PARAMETERIZATIONS}, got {self.scm_param!r}")
+        need(self.scm_warmup >= 0, f"scm_warmup must be >= 0, got {self.scm_warmup}")
+        need(self.time_scale > 0, f"time_scale must be > 0 (0 at construction: the objective's default), "
+                                  f"got {self.time_scale}")
+        need(not (self.objective in SCM_OBJECTIVES and self.guidance_max > 0),
+             "guidance_max (w as a network input) is for flow-map objectives; sCM takes guidance= (scd) only")
+        need(not (self.objective == "sct" and self.guidance != 1),
+             "guidance in training needs a teacher to guide: use scd, or guide sct at sampling")
         need(self.fd_dtype in ("float32", "float64"), f"fd_dtype must be float32|float64, got {self.fd_dtype!r}")
         need(self.fd_step >= 0 and self.fd_step < 1, f"fd_step must be in [0, 1), got {self.fd_step}")
         need(self.interpolant in INTERPOLANTS, f"interpolant must be one of {sorted(INTERPOLANTS)}")
@@ -75,16 +108,22 @@ def build_base(cfg: TrainConfig, data_std: torch.Tensor) -> GaussianBase:
     return GaussianBase(std=data_std.clone()) if cfg.base == "adaptive" else GaussianBase(cfg.base_std)
 
 
-def build_model(cfg: TrainConfig, data_std: torch.Tensor) -> FlowMap:
+def build_model(cfg: TrainConfig, data_std: torch.Tensor) -> FlowMap | TrigFlowConsistency:
     net = FlowMapMLP(dim=2, hidden=cfg.hidden, depth=cfg.depth, emb_dim=cfg.emb_dim,
                      activation=cfg.activation, data_std=float(data_std.mean()),
                      num_classes=LABELLED[cfg.data] if cfg.conditional else None,
                      guidance_input=cfg.conditional and cfg.guidance_max > 0,
-                     step_embedding="dyadic" if cfg.objective == "shortcut" else "sinusoidal")
+                     step_embedding="dyadic" if cfg.objective == "shortcut" else "sinusoidal",
+                     time_scale=cfg.time_scale)
+    if cfg.objective in SCM_OBJECTIVES:
+        sd = float(data_std.mean())
+        return TrigFlowConsistency(net, TrigFlowPath(sigma_d=sd, base_std=sd), parameterization=cfg.scm_param)
     return FlowMap(net)
 
 
 def build_objective(cfg: TrainConfig, flowmap: FlowMap, base: GaussianBase):
+    if cfg.objective in SCM_OBJECTIVES:
+        return _scm_objective(cfg, flowmap)
     kwargs = dict(
         interpolant=cfg.interpolant,
         base=base,
@@ -102,3 +141,25 @@ def build_objective(cfg: TrainConfig, flowmap: FlowMap, base: GaussianBase):
             raise ValueError("shortcut draws dyadic jumps; time_distribution must stay 'uniform'")
         kwargs["diag_fraction"] = times.diag_fraction
     return make_objective(cfg.objective, **kwargs)
+
+
+def _scm_objective(cfg: TrainConfig, model: TrigFlowConsistency):
+    teacher = None
+    if cfg.objective == "scd":
+        from pyflowmap.toy2d.evaluate import load_model
+
+        teacher, _, tcfg, tstate = load_model(cfg.teacher)
+        if tcfg.objective != "fm" or tcfg.data != cfg.data:
+            raise ValueError(f"teacher run {cfg.teacher} must be an fm run on {cfg.data!r}, got {tcfg.objective!r} "
+                             f"on {tcfg.data!r}")
+        if tcfg.conditional != cfg.conditional:
+            raise ValueError(f"teacher run {cfg.teacher} must be conditional exactly when this run is")
+        if cfg.conditional and cfg.guidance != 1 and tcfg.p_uncond <= 0:
+            raise ValueError(f"guidance in distillation uses the teacher's null prediction, but teacher run "
+                             f"{cfg.teacher} was trained with p_uncond=0")
+    cond = cfg.conditioning()
+    cond.pop("guidance_range", None)
+    derivative = make_mode(cfg.derivative, model, fd_step=cfg.fd_step or None,
+                           fd_dtype=torch.float64 if cfg.fd_dtype == "float64" else torch.float32)
+    return make_objective(cfg.objective, teacher=teacher, derivative=derivative, warmup_steps=cfg.scm_warmup,
+                          **cond)

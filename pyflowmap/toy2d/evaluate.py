@@ -15,9 +15,32 @@ from pyflowmap.toy2d.config import TrainConfig, build_base, build_model
 from pyflowmap.toy2d.data import sample_data, sample_labelled
 from pyflowmap.toy2d.metrics import checker_kl, energy_distance
 from pyflowmap.training.checkpoint import load_checkpoint
+from pyflowmap.trigflow import TrigFlowConsistency
 
 # the subset of pyflowmap.sampling.SAMPLERS that fits a 2D flow map trained without re-noising
 SAMPLERS = ("map", "euler", "heun")
+ALL_SAMPLERS = SAMPLERS + ("consistency",)  # a TrigFlow consistency model (sct / scd) has this one only
+
+
+def default_samplers(model) -> tuple[str, ...]:
+    return ("consistency",) if isinstance(model, TrigFlowConsistency) else SAMPLERS
+
+
+def starting_noise(model, base: GaussianBase, n: int, generator=None, device="cpu") -> torch.Tensor:
+    """The sampler's input: the flow map's base noise, or N(0, I) for a TrigFlow model (its
+    sampler scales by sigma_d itself)."""
+    if isinstance(model, TrigFlowConsistency):
+        return torch.randn((n, 2), generator=generator, device=device)
+    return base.sample((n, 2), generator=generator, device=device)
+
+
+def _check_samplers(model, samplers) -> tuple[str, ...]:
+    samplers = default_samplers(model) if samplers is None else tuple(samplers)
+    fits = default_samplers(model)
+    bad = [s for s in samplers if s not in fits]
+    if bad:
+        raise ValueError(f"sampler {bad[0]!r} does not fit a {type(model).__name__}; use {', '.join(fits)}")
+    return samplers
 
 
 def load_model(ckpt: str | Path, use_ema: bool = True, device="cpu") -> tuple[FlowMap, GaussianBase, TrainConfig, dict]:
@@ -36,7 +59,7 @@ def nearest_label(x: torch.Tensor, ref: torch.Tensor, ref_labels: torch.Tensor, 
     return torch.cat(out) if out else ref_labels[:0]
 
 
-def evaluate(model: FlowMap, base: GaussianBase, data: str, steps=(1, 2, 4, 8), samplers=SAMPLERS,
+def evaluate(model: FlowMap, base: GaussianBase, data: str, steps=(1, 2, 4, 8), samplers=None,
              n: int = 65536, seed: int = 0, device="cpu", guidance: float | None = None) -> dict:
     """Metrics per sampler and step count, plus the reference row of exact data samples.
 
@@ -45,10 +68,12 @@ def evaluate(model: FlowMap, base: GaussianBase, data: str, steps=(1, 2, 4, 8), 
     ``kl`` (:func:`~pyflowmap.metrics.checker_kl` on ``n`` samples). A conditional model is
     sampled for balanced requested labels (sample i gets label i mod K), with classifier-free
     ``guidance`` at sampling when given, and each entry also holds ``accuracy``: the share of
-    samples whose nearest labelled data point carries the requested label.
+    samples whose nearest labelled data point carries the requested label. ``samplers``
+    default: map, euler and heun for a flow map, consistency for a TrigFlow model.
     """
+    samplers = _check_samplers(model, samplers)
     g = torch.Generator(device=device).manual_seed(seed)
-    noise = base.sample((n, 2), generator=g, device=device)
+    noise = starting_noise(model, base, n, generator=g, device=device)
     reference_data = sample_data(data, n, generator=torch.Generator().manual_seed(seed + 1))
     fresh = sample_data(data, n, generator=torch.Generator().manual_seed(seed + 2))
     classes = cond_.num_classes(model)
@@ -97,7 +122,8 @@ def format_table(report: dict, metric: str | None = None) -> str:
     head = f"{metric + f' ({better} is better)':<26}" + "".join(f"{str(k) + ' step' + ('s' if k > 1 else ''):>10}" for k in steps)
     lines = [head, "-" * len(head)]
     for sampler, r in rows.items():
-        label = {"map": "flow map (jumps)", "euler": "ODE Euler (diagonal)", "heun": "ODE Heun (diagonal)"}.get(sampler, sampler)
+        label = {"map": "flow map (jumps)", "euler": "ODE Euler (diagonal)", "heun": "ODE Heun (diagonal)",
+                 "consistency": "consistency (re-noising)"}.get(sampler, sampler)
         cells = []
         for k in steps:
             v = r.get(k, {}).get(metric)
