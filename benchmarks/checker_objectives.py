@@ -1,11 +1,12 @@
-"""Train FM, LSD, ESD, PSD-U and PSD-M on the 2D checker with the same network and budget and
-tabulate the histogram KL at 1/2/4/8 steps with the training time of each.
+"""Train FM, LSD, ESD, PSD-U, PSD-M, shortcut, sCT and sCD on the 2D checker with the same
+network and budget and tabulate the histogram KL at 1/2/4/8 steps with the training time of each.
 
     python benchmarks/checker_objectives.py --out runs/checker            # the CPU demo budget
     python benchmarks/checker_objectives.py --out runs/checker --steps 20000 --batch 8192 --hidden 512
 
 FM is sampled by integrating its diagonal velocity (Euler and Heun); the flow-map objectives by
-their own jumps. Every run is a normal pyflowmap run directory (checkpoint, metrics.json,
+their own jumps (shortcut: K jumps of 1/K); sCT and sCD by the consistency sampler (re-noising at
+tau_mid = 1.1 for two steps). sCD distills the FM run of the same sweep (trained first). Every run is a normal pyflowmap run directory (checkpoint, metrics.json,
 samples.png), so an interrupted sweep resumes where it stopped.
 """
 
@@ -23,7 +24,7 @@ from pyflowmap.toy2d.train import Trainer
 from pyflowmap.training import CHECKPOINT
 from pyflowmap.training.checkpoint import atomic_write
 
-OBJECTIVES = ["fm", "lsd", "esd", "psd-u", "psd-m"]
+OBJECTIVES = ["fm", "lsd", "esd", "psd-u", "psd-m", "shortcut", "sct", "scd"]
 PAPER = {  # docs/objectives.md section 16: 4 x 512 MLP, batch 100k, 125k-150k steps (their KL estimator)
     "lsd": [0.086, 0.077, 0.071, 0.070],
     "esd": [0.098, 0.092, 0.083, 0.082],
@@ -39,9 +40,10 @@ def run_one(objective: str, args) -> dict:
         trainer = Trainer.resume(out, progress=not args.quiet,
                                  **{k: v for k, v in overrides.items() if k == "steps"})
     else:
-        trainer = Trainer(TrainConfig(objective=objective, **overrides), out_dir=out, progress=not args.quiet)
+        extra = {"teacher": str(Path(args.out) / "fm")} if objective == "scd" else {}
+        trainer = Trainer(TrainConfig(objective=objective, **overrides, **extra), out_dir=out, progress=not args.quiet)
     trainer.fit()
-    samplers = ("euler", "heun") if objective == "fm" else ("map",)
+    samplers = ("euler", "heun") if objective == "fm" else ("consistency",) if objective in ("sct", "scd") else ("map",)
     report = evaluate(trainer.ema, trainer.base, "checker", steps=(1, 2, 4, 8), samplers=samplers, n=args.n)
     plot_sample_grid(report["samples"], out / "samples.png", title=f"{objective.upper()}, {trainer.step} steps")
     row = {
@@ -62,7 +64,8 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for sampler, kl in r["kl"].items():
-            name = r["objective"].upper() + (f" ({sampler} ODE)" if sampler != "map" else "")
+            name = r["objective"].upper() + (f" ({sampler} ODE)" if sampler in ("euler", "heun") else
+                                             " (consistency)" if sampler == "consistency" else "")
             paper = PAPER.get(r["objective"])
             lines.append(f"| {name} | " + " | ".join(f"{kl[k]:.3f}" for k in ("1", "2", "4", "8"))
                          + f" | {r['train_seconds']:.0f} s | {r['seconds_per_step'] * 1e3:.0f} ms | "
@@ -84,7 +87,11 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=65536, help="evaluation samples")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    rows = [run_one(o, args) for o in args.objectives]
+    objectives = list(args.objectives)
+    if "scd" in objectives and "fm" not in objectives and not (Path(args.out) / "fm" / CHECKPOINT).exists():
+        objectives.insert(0, "fm")  # the teacher
+    objectives.sort(key=lambda o: o == "scd")  # after its teacher
+    rows = [run_one(o, args) for o in objectives]
     table = markdown(rows)
     atomic_write(Path(args.out) / "table.md", lambda f: f.write((table + "\n").encode()))
     atomic_write(Path(args.out) / "results.json", lambda f: f.write(json.dumps(rows, indent=2).encode()))

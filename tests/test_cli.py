@@ -84,3 +84,20 @@ def test_image_train_resume_eval(tmp_path, capsys, monkeypatch):
     assert "classifier Frechet distance" in capsys.readouterr().out
     assert main(["image-train", "--objective", "lmd", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
     assert "needs teacher" in capsys.readouterr().err
+
+
+def test_sct_and_scd_2d_train_eval_sample(tmp_path, capsys):
+    """sCM in the 2D CLI: a TrigFlow run evaluates and samples with the consistency sampler
+    (N(0, I) noise), scd distills an fm run, a flow-map sampler on it is a clear error."""
+    fm = tmp_path / "fm"
+    assert main(["train", "--out", str(fm), "--steps", "3", "--objective", "fm", *TINY]) == 0
+    for name, extra in (("sct", []), ("scd", ["--teacher", str(fm)])):
+        run = tmp_path / name
+        assert main(["train", "--out", str(run), "--steps", "3", "--objective", name, *extra, *TINY]) == 0
+        assert main(["eval", "--ckpt", str(run), "--steps", "1", "2", "--n", "512"]) == 0
+        assert "consistency (re-noising)" in capsys.readouterr().out
+        assert main(["sample", "--ckpt", str(run), "--steps", "2", "--n", "20", "--out", str(tmp_path / "x.pt")]) == 0
+        assert main(["sample", "--ckpt", str(run), "--sampler", "map", "--out", str(tmp_path / "y.pt")]) == 2
+        assert "does not fit" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "bad"), "--steps", "3", "--objective", "scd", *TINY]) == 2
+    assert "teacher" in capsys.readouterr().err

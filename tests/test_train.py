@@ -18,7 +18,7 @@ def params(trainer):
     return [p.detach().clone() for p in trainer.model.parameters()]
 
 
-@pytest.mark.parametrize("objective", ["lsd", "psd-u", "esd", "shortcut"])
+@pytest.mark.parametrize("objective", ["lsd", "psd-u", "esd", "shortcut", "sct"])
 def test_resume_is_exact(tmp_path, objective):
     cfg = TrainConfig(objective=objective, steps=12, **TINY)
     full = Trainer(cfg, out_dir=tmp_path / "full", progress=False).fit()
