@@ -121,9 +121,10 @@ def build_model(cfg: TrainConfig, data_std: torch.Tensor) -> FlowMap | TrigFlowC
     return FlowMap(net)
 
 
-def build_objective(cfg: TrainConfig, flowmap: FlowMap, base: GaussianBase):
+def build_objective(cfg: TrainConfig, flowmap: FlowMap, base: GaussianBase, teacher=None):
+    """The run's objective; ``teacher``: scd's frozen fm flow map (the trainer loads it)."""
     if cfg.objective in SCM_OBJECTIVES:
-        return _scm_objective(cfg, flowmap)
+        return _scm_objective(cfg, flowmap, teacher)
     kwargs = dict(
         interpolant=cfg.interpolant,
         base=base,
@@ -143,20 +144,22 @@ def build_objective(cfg: TrainConfig, flowmap: FlowMap, base: GaussianBase):
     return make_objective(cfg.objective, **kwargs)
 
 
-def _scm_objective(cfg: TrainConfig, model: TrigFlowConsistency):
-    teacher = None
-    if cfg.objective == "scd":
-        from pyflowmap.toy2d.evaluate import load_model
+def check_teacher(cfg: TrainConfig, tcfg: TrainConfig) -> None:
+    """An scd teacher run must be a 2D fm run on the same data and conditioning."""
+    if tcfg.objective != "fm" or tcfg.data != cfg.data:
+        raise ValueError(f"teacher run {cfg.teacher} must be an fm run on {cfg.data!r}, got {tcfg.objective!r} "
+                         f"on {tcfg.data!r}")
+    if tcfg.conditional != cfg.conditional:
+        raise ValueError(f"teacher run {cfg.teacher} must be conditional exactly when this run is")
+    if cfg.conditional and cfg.guidance != 1 and tcfg.p_uncond <= 0:
+        raise ValueError(f"guidance in distillation uses the teacher's null prediction, but teacher run "
+                         f"{cfg.teacher} was trained with p_uncond=0")
 
-        teacher, _, tcfg, tstate = load_model(cfg.teacher)
-        if tcfg.objective != "fm" or tcfg.data != cfg.data:
-            raise ValueError(f"teacher run {cfg.teacher} must be an fm run on {cfg.data!r}, got {tcfg.objective!r} "
-                             f"on {tcfg.data!r}")
-        if tcfg.conditional != cfg.conditional:
-            raise ValueError(f"teacher run {cfg.teacher} must be conditional exactly when this run is")
-        if cfg.conditional and cfg.guidance != 1 and tcfg.p_uncond <= 0:
-            raise ValueError(f"guidance in distillation uses the teacher's null prediction, but teacher run "
-                             f"{cfg.teacher} was trained with p_uncond=0")
+
+def _scm_objective(cfg: TrainConfig, model: TrigFlowConsistency, teacher):
+    if (cfg.objective == "scd") != (teacher is not None):
+        raise ValueError("scd distills a teacher: pass the teacher's flow map" if cfg.objective == "scd"
+                         else "sct takes no teacher")
     cond = cfg.conditioning()
     cond.pop("guidance_range", None)
     derivative = make_mode(cfg.derivative, model, fd_step=cfg.fd_step or None,

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from pyflowmap.toy2d.config import TrainConfig, build_base, build_model, build_objective, data_statistics
+from pyflowmap.toy2d.config import TrainConfig, build_base, build_model, build_objective, check_teacher, data_statistics
 from pyflowmap.toy2d.data import sample_data, sample_labelled
 from pyflowmap.training import TrainerBase
 
@@ -32,7 +32,13 @@ class Trainer(TrainerBase):
         return build_model(self.cfg, self.data_std)
 
     def build_objective(self):
-        return build_objective(self.cfg, self.model, self.base)
+        teacher = None
+        if self.cfg.objective == "scd":  # the EMA flow map of a finished 2D fm run
+            from pyflowmap.toy2d.evaluate import load_model
+
+            teacher, _, tcfg, _ = load_model(self.cfg.teacher, device=self.device)
+            check_teacher(self.cfg, tcfg)
+        return build_objective(self.cfg, self.model, self.base, teacher=teacher)
 
     def build_optimizer(self, params):
         return torch.optim.RAdam(params, lr=self.cfg.lr)

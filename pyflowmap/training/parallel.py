@@ -61,7 +61,7 @@ class Parallel:
             loss, metrics = self.step_module()
             return loss, metrics, {}
         out = self._compute()
-        return out.loss, out.metrics, out.parts
+        return out.loss, out.metrics, getattr(out, "parts", {})  # a user's LossOutput-like object may lack it
 
     def reshard(self) -> None:
         """FSDP2 frees the gathered root weights in backward; after a step without backward
