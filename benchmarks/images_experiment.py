@@ -1,7 +1,7 @@
 """Every objective on MNIST-5k with the same network and budget: the classifier Frechet
 distance (CFD, lower is better) at 1/2/4/8 sampling steps and the seconds per training step.
 
-    python benchmarks/images_experiment.py                    # CPU setting, under an hour on 2 cores
+    python benchmarks/images_experiment.py                    # CPU setting, about 75 minutes on 2 cores
     python benchmarks/images_experiment.py --setting gpu      # a lent GPU
     python benchmarks/images_experiment.py --methods lsd ect --steps 200 --out runs/quick
     python benchmarks/images_experiment.py --conditional      # class-conditional, with guidance
@@ -57,7 +57,7 @@ DISTILLED = ("lmd", "emd", "pfmm", "scd")
 COND_METHODS = ("fm", "lsd", "meanflow", "psd-m", "ect-tuned")  # the --conditional default
 VARIANTS = ("cfg-sample", "cfg-train")
 SETTINGS = {
-    # 2 CPU cores: about 0.5 s per step at this size, all eight methods in under an hour
+    # 2 CPU cores: about 0.3-0.6 s per step at this size, all ten methods in about 75 minutes
     "cpu": dict(model=dict(ch=32, emb_dim=32, batch=64, lr=1e-3, warmup=50, device="cpu"), steps=600, n_eval=2000),
     "gpu": dict(model=dict(ch=64, emb_dim=64, batch=256, lr=5e-4, warmup=500, device="cuda"), steps=20000,
                 n_eval=5000),
