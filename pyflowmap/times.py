@@ -92,13 +92,12 @@ class DyadicTimeSampler(TimeSampler):
         n_off = n - n_diag
         t_diag = self._draw(n_diag, generator, device, dtype)
         j = torch.randint(0, self.levels, (n_off,), generator=generator, device=device)
-        big = torch.pow(2.0, -j.to(torch.float64))
-        # i uniform in {0, ..., 2^j - 1}: floor(u 2^j), exact in float64 for j <= 30
+        slots = torch.pow(2.0, j.to(torch.float64))  # 2^j jumps of D = 1 / 2^j, exact in float64
+        # i uniform in {0, ..., 2^j - 1}: floor(u 2^j)
         u = torch.rand(n_off, generator=generator, device=device, dtype=torch.float64)
-        start = torch.floor(u * torch.pow(2.0, j.to(torch.float64))).clamp_max(torch.pow(2.0, j.to(torch.float64)) - 1)
-        s_off = (start * big).to(dtype)
-        s = torch.cat([t_diag, s_off])
-        t = torch.cat([t_diag, (start * big + big).to(dtype)])
+        start = torch.floor(u * slots).clamp_max(slots - 1)
+        s = torch.cat([t_diag, (start / slots).to(dtype)])
+        t = torch.cat([t_diag, ((start + 1) / slots).to(dtype)])
         return s, t, n_diag
 
 

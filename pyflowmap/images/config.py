@@ -184,8 +184,8 @@ class ImageConfig(LoopConfig):
         if self.model == "dit":
             settings = self.dit_settings(size)
             settings.pop("dropout")  # not a shape
-            return ("dit", self.consistency, self.time_scale, tuple(sorted(settings.items())))
-        return ("unet", self.consistency, self.time_scale, self.ch, self.emb_dim, self.attention)
+            return ("dit", self.consistency, tuple(sorted(settings.items())))
+        return ("unet", self.consistency, self.ch, self.emb_dim, self.attention)
 
     @property
     def consistency(self) -> bool:

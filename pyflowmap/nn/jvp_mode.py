@@ -4,8 +4,9 @@ modules built on them: ``nn.LayerNorm``, ``nn.GELU``, ``nn.SiLU``) to the autogr
 :mod:`pyflowmap.nn.forward_ad`, whose ``jvp`` is the fused dual kernel. ``nn.MultiheadAttention``
 (and so ``nn.TransformerEncoderLayer`` / ``DecoderLayer``) goes through
 ``F.multi_head_attention_forward``, whose internal SDPA call a mode cannot see; it is routed too
-(``need_weights=False``, the layers' own setting: its projections, then the fused attention). Under it ``torch.func.jvp`` passes through SDPA (which has no forward-AD rule)
-in O(N) memory, and reverse mode through the tangent gets correct LayerNorm gradients.
+(``need_weights=False``, the layers' own setting: its projections, then the fused attention).
+Under it ``torch.func.jvp`` passes through SDPA (which has no forward-AD rule) in O(N) memory,
+and reverse mode through the tangent gets correct LayerNorm gradients.
 
     with pf.nn.fused_jvp():
         out, tangent = torch.func.jvp(model, (x,), (x_dot,))

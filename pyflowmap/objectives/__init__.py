@@ -24,7 +24,7 @@ from pyflowmap.objectives.weighting import LearnedWeighting
 SELF_DISTILLATION = ("fm", "lsd", "esd", "psd-u", "psd-m", "meanflow", "shortcut")
 DISTILLATION = ("lmd", "emd", "pfmm")
 CONSISTENCY = ("ect", "ect-pretrain")
-SCM_OBJECTIVES = ("sct", "scd")  # on a TrigFlowConsistency model; the image and 2D trainers do not build one yet
+SCM_OBJECTIVES = ("sct", "scd")  # on a TrigFlowConsistency model, not a FlowMap
 OBJECTIVES = SELF_DISTILLATION + DISTILLATION + CONSISTENCY
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pyflowmap import conditioning as cond_
-from pyflowmap.derivatives import DerivativeMode, resolve_mode
+from pyflowmap.derivatives import DerivativeMode, Dual, resolve_mode
 from pyflowmap.distributed import Shard
 from pyflowmap.flowmap import FlowMap, as_velocity  # noqa: F401  (re-exported)
 from pyflowmap.interpolants import GaussianBase, Interpolant, make_interpolant
@@ -93,6 +93,21 @@ def set_rng_state(device: torch.device, state) -> None:
         torch.cuda.set_rng_state(state, device)
     else:
         torch.set_rng_state(state)
+
+
+def primal_and_stopgrad_tangent(mode, device: torch.device, jvp, primal):
+    """(output with its graph, tangent) for an objective that uses the tangent under
+    stop-gradient only. ``jvp()`` returns (output, tangent) through the derivative ``mode``;
+    ``primal()`` the output alone. In dual mode the dual pass runs without a graph and the
+    output is recomputed with one (its backward then covers B rows, not the stacked 2B), under
+    the same RNG state so that dropout masks agree; other modes call ``jvp()`` once."""
+    if isinstance(mode, Dual) and torch.is_grad_enabled():
+        rng = rng_state(device)
+        with torch.no_grad():
+            _, tangent = jvp()
+        set_rng_state(device, rng)
+        return primal(), tangent
+    return jvp()
 
 
 def freeze(module):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from pyflowmap._tensors import expand_time
-from pyflowmap.derivatives import Dual
-from pyflowmap.objectives.base import NO_CONDITION, Objective, rng_state, set_rng_state
+from pyflowmap.objectives.base import NO_CONDITION, Objective, primal_and_stopgrad_tangent
 
 
 class MeanFlow(Objective):
@@ -41,18 +40,10 @@ class MeanFlow(Objective):
         xs = self.interpolant.interpolate(x0, x1, s)
         d_i = self.guided_velocity(flowmap, xs, s, self.interpolant.velocity_target(x0, x1, s), cond)
         mode = self.mode(flowmap)
-        if isinstance(mode, Dual) and torch.is_grad_enabled():
-            # the tangent is only used under stop-gradient: the dual pass runs without a graph
-            # and v_{s,t} alone is recomputed with one (a backward over B rows, not the stacked
-            # 2B), under the same RNG state so that dropout masks agree
-            rng = rng_state(xs.device)
-            with torch.no_grad():
-                _, dv = mode.jvp(flowmap, xs, s, t, x_dot=d_i, s_dot=torch.ones_like(s), output="velocity",
-                                 **cond.kw)
-            set_rng_state(xs.device, rng)
-            v = flowmap.velocity_field(xs, s, t, **cond.kw)
-        else:
-            v, dv = mode.jvp(flowmap, xs, s, t, x_dot=d_i, s_dot=torch.ones_like(s), output="velocity", **cond.kw)
+        v, dv = primal_and_stopgrad_tangent(
+            mode, xs.device,
+            lambda: mode.jvp(flowmap, xs, s, t, x_dot=d_i, s_dot=torch.ones_like(s), output="velocity", **cond.kw),
+            lambda: flowmap.velocity_field(xs, s, t, **cond.kw))
         if not isinstance(dv, torch.Tensor):  # a deferred finite difference
             dv = dv.materialize()
         target = (d_i + expand_time(t - s, xs) * dv).detach()

@@ -9,11 +9,11 @@ import warnings
 import torch
 
 from pyflowmap._tensors import expand_time
-from pyflowmap.derivatives import DerivativeMode, Dual, resolve_mode
+from pyflowmap.derivatives import DerivativeMode, resolve_mode
 from pyflowmap.distributed import Shard
 from pyflowmap.flowmap import as_velocity
 from pyflowmap.losses import residual_loss
-from pyflowmap.objectives.base import LossOutput, ObjectiveBase, freeze, guided_call, rng_state, set_rng_state
+from pyflowmap.objectives.base import LossOutput, ObjectiveBase, freeze, guided_call, primal_and_stopgrad_tangent
 from pyflowmap.objectives.weighting import LearnedWeighting
 from pyflowmap.trigflow import HALF_PI, TrigFlowConsistency, proposal_tau
 from pyflowmap.validation import check_batch
@@ -136,17 +136,9 @@ class SCM(ObjectiveBase):
         affine in ``dx``, so its mean over the data and noise behind one x is g at the
         probability-flow velocity: zero for the exact consistency function."""
         mode = self.mode(model)
-        if isinstance(mode, Dual) and torch.is_grad_enabled():
-            # the tangent is used under stop-gradient only: the dual pass runs without a graph
-            # and the primal F_theta alone is recomputed with one (its backward then covers B
-            # rows, not the stacked 2B), under the same RNG state, so dropout masks agree
-            rng = rng_state(x.device)
-            with torch.no_grad():
-                _, v_dot = model.velocity_and_tangent(mode, x, tau, x_dot=dx, c=c, w=w)
-            set_rng_state(x.device, rng)
-            v = model.velocity(x, tau, c=c, w=w)
-        else:
-            v, v_dot = model.velocity_and_tangent(mode, x, tau, dx, c=c, w=w)
+        v, v_dot = primal_and_stopgrad_tangent(mode, x.device,
+                                               lambda: model.velocity_and_tangent(mode, x, tau, dx, c=c, w=w),
+                                               lambda: model.velocity(x, tau, c=c, w=w))
         r = self.warmup(step)
         with torch.no_grad():
             cs, sn = expand_time(torch.cos(tau), x), expand_time(torch.sin(tau), x)
@@ -166,8 +158,8 @@ class SCM(ObjectiveBase):
         ref = None if prev is None else max(prev, floor)
         exploded = ref is not None and level > self.explode_factor * ref
         if exploded:
-            warnings.warn(f"{self.name}: the mean tangent norm jumped to {level:.3g}, {level / prev:.0f}x its running "
-                          f"level {prev:.3g}; sCM runs diverge this way (lower the learning rate, lengthen "
+            warnings.warn(f"{self.name}: the mean tangent norm jumped to {level:.3g}, {level / ref:.0f}x its running "
+                          f"level {ref:.3g}; sCM runs diverge this way (lower the learning rate, lengthen "
                           "warmup_steps or check the data scale against sigma_d)", TangentExplosionWarning,
                           stacklevel=3)
         else:
