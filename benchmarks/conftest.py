@@ -30,6 +30,19 @@ def clone_floor(numel, device="cpu", dtype=torch.float32):
     return lambda: src.clone()
 
 
+def peak_mb(fn, device):
+    """Peak CUDA memory of one call of ``fn`` above what was allocated before it, in MiB (None
+    off CUDA)."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def pytest_report_header(config):
     return machine_line()
 

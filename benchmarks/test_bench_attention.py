@@ -16,7 +16,7 @@ round by round (benchmarks/harness.py).
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES
+from conftest import DEVICES, peak_mb
 from harness import compare
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -40,24 +40,13 @@ def _math_jvp(q, k, v, qd, kd, vd):
         return torch.func.jvp(F.scaled_dot_product_attention, (q, k, v), (qd, kd, vd))
 
 
-def _peak_mb(fn, device):
-    if torch.device(device).type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def _run(benchmark, fns, device, flops, skipped):
     """Compare ``fns`` interleaved; peak memory of one call per variant first (a variant out of
     memory is left out of the group, and the group skips if the fused op is)."""
     info = {}
     for name in list(fns):
         try:
-            peak = _peak_mb(fns[name], device)
+            peak = peak_mb(fns[name], device)
         except torch.OutOfMemoryError:
             del fns[name]
             skipped[name] = "out of memory"

@@ -29,7 +29,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES
+from conftest import DEVICES, peak_mb
 from harness import compare
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -71,54 +71,10 @@ CPU = pytest.mark.skipif("cpu" not in DEVICES, reason="PYFLOWMAP_BENCH_DEVICES l
 CUDA = pytest.mark.skipif("cuda" not in DEVICES, reason="needs the CUDA kernels and a device")
 
 
-def peak_cuda_mb(fn):
-    """Peak CUDA memory of one call of ``fn`` above what was allocated before it, in MiB."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-@CPU
-@pytest.mark.parametrize("n", [256, 1024, 4096])
-def test_user_block_fwd_jvp(benchmark, n):
-    torch.manual_seed(0)
-    block = UserBlock()
-    x, xd = torch.randn(BATCH, n, WIDTH), torch.randn(BATCH, n, WIDTH)
-    h = 1e-3
-
-    def fused():
-        with pf.nn.fused_jvp():
-            return torch.func.jvp(block, (x,), (xd,))
-
-    def math():
-        with sdpa_kernel(SDPBackend.MATH):
-            return torch.func.jvp(block, (x,), (xd,))
-
-    fns = {"fused": fused, "math-jvp": math,
-           "fd": lambda: (block(x), (block(x + h * xd) - block(x - h * xd)) / (2 * h)),
-           "primal": lambda: block(x)}
-    attn = 4 * n * n * (WIDTH // HEADS) * HEADS * BATCH
-    lin = 2 * BATCH * n * 12 * WIDTH * WIDTH
-    flops = {"fused": 3 * (attn + lin), "math-jvp": 3 * (attn + lin), "fd": 3 * (attn + lin), "primal": attn + lin}
-    with torch.no_grad():
-        info = {k: {"flops": flops[k], "largest_alloc_mb": largest_alloc_mb(f)} for k, f in fns.items()}
-        benchmark.group = f"user block fwd+JVP N={n} width {WIDTH} {HEADS} heads batch {BATCH} fp32 (cpu)"
-        compare(benchmark, fns, "cpu", inner=1, rounds=5 if n <= 1024 else 3, info=info, tokens=n)
-
-
-@CUDA
-@pytest.mark.parametrize("n", [1024, 4096, 8192])
-def test_user_block_fwd_jvp_cuda(benchmark, n):
-    width, heads, dtype = 768, 12, torch.bfloat16
-    torch.manual_seed(0)
-    block = UserBlock(width, heads).to("cuda", dtype)
-    x = torch.randn(BATCH, n, width, device="cuda", dtype=dtype)
-    xd = torch.randn_like(x)
-    h = 1e-2  # bf16: a larger step, the fd variant is timed, not checked
-
+def _user_block_variants(block, x, xd, h, n, width, heads):
+    """The group's variants (fused jvp, math-attention jvp, central difference, one primal
+    forward) and their FLOPs: attention forward 4 N^2 D per head, forward + JVP 3x that; the
+    block's linears 2 B N (12 d^2) per pass."""
     def fused():
         with pf.nn.fused_jvp():
             return torch.func.jvp(block, (x,), (xd,))
@@ -133,11 +89,37 @@ def test_user_block_fwd_jvp_cuda(benchmark, n):
     attn = 4 * n * n * (width // heads) * heads * BATCH
     lin = 2 * BATCH * n * 12 * width * width
     flops = {"fused": 3 * (attn + lin), "math-jvp": 3 * (attn + lin), "fd": 3 * (attn + lin), "primal": attn + lin}
+    return fns, flops
+
+
+@CPU
+@pytest.mark.parametrize("n", [256, 1024, 4096])
+def test_user_block_fwd_jvp(benchmark, n):
+    torch.manual_seed(0)
+    block = UserBlock()
+    x, xd = torch.randn(BATCH, n, WIDTH), torch.randn(BATCH, n, WIDTH)
+    fns, flops = _user_block_variants(block, x, xd, 1e-3, n, WIDTH, HEADS)
+    with torch.no_grad():
+        info = {k: {"flops": flops[k], "largest_alloc_mb": largest_alloc_mb(f)} for k, f in fns.items()}
+        benchmark.group = f"user block fwd+JVP N={n} width {WIDTH} {HEADS} heads batch {BATCH} fp32 (cpu)"
+        compare(benchmark, fns, "cpu", inner=1, rounds=5 if n <= 1024 else 3, info=info, tokens=n)
+
+
+@CUDA
+@pytest.mark.parametrize("n", [1024, 4096, 8192])
+def test_user_block_fwd_jvp_cuda(benchmark, n):
+    width, heads, dtype = 768, 12, torch.bfloat16
+    torch.manual_seed(0)
+    block = UserBlock(width, heads).to("cuda", dtype)
+    x = torch.randn(BATCH, n, width, device="cuda", dtype=dtype)
+    xd = torch.randn_like(x)
+    # bf16: a larger step, the fd variant is timed, not checked
+    fns, flops = _user_block_variants(block, x, xd, 1e-2, n, width, heads)
     info, skipped = {}, {}
     with torch.no_grad():
         for name in list(fns):
             try:
-                info[name] = {"flops": flops[name], "peak_mb": peak_cuda_mb(fns[name])}
+                info[name] = {"flops": flops[name], "peak_mb": peak_mb(fns[name], "cuda")}
             except (torch.OutOfMemoryError, RuntimeError, NotImplementedError) as e:
                 # left out, with the reason in the JSON: one failing variant must not cost the group
                 skipped[name] = "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {e}"[:300]

@@ -28,3 +28,27 @@ def _seed():
 
 def pytest_report_header(config):
     return f"pyflowmap build: {pyflowmap.build_info()}"
+
+
+@pytest.fixture(scope="module")
+def evaluator(tmp_path_factory):
+    """The digits classifier evaluator, trained into a fresh cache (images tests)."""
+    pytest.importorskip("sklearn")
+    from pyflowmap.images.metrics import ImageEvaluator
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYFLOWMAP_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return ImageEvaluator("digits")
+
+
+@pytest.fixture(scope="module")
+def fm_teacher(tmp_path_factory):
+    """A 150-step fm run on the digits: the distillation teacher of the images tests."""
+    pytest.importorskip("sklearn")
+    from pyflowmap.images.config import ImageConfig
+    from pyflowmap.images.train import ImageTrainer
+    from tests.helpers import DIGITS_TINY
+
+    out = tmp_path_factory.mktemp("fm")
+    ImageTrainer(ImageConfig(objective="fm", steps=150, **DIGITS_TINY), out_dir=out, progress=False).fit()
+    return out

@@ -98,3 +98,7 @@ class TinyDualNet(nn.Module):
         if t_dot is not None:
             z_dot = z_dot + torch.as_tensor(t_dot, dtype=z.dtype).reshape(-1, 1) * self.b
         return v, ((1 - h**2) * z_dot) @ self.W2
+
+
+# the short image runs on the 8x8 digits (tests/test_images_train.py, test_images_scm.py)
+DIGITS_TINY = dict(dataset="digits", ch=16, emb_dim=16, batch=64, lr=2e-3, warmup=10, log_every=10, ckpt_every=1000)

@@ -12,25 +12,9 @@ pytest.importorskip("PIL")
 
 from pyflowmap.images.config import ImageConfig  # noqa: E402
 from pyflowmap.images.evaluate import default_samplers, evaluate_model  # noqa: E402
-from pyflowmap.images.metrics import ImageEvaluator  # noqa: E402
 from pyflowmap.images.train import ImageTrainer, load_run  # noqa: E402
 from pyflowmap.trigflow import TrigFlowConsistency  # noqa: E402
-
-TINY = dict(dataset="digits", ch=16, emb_dim=16, batch=64, lr=2e-3, warmup=10, log_every=10, ckpt_every=1000)
-
-
-@pytest.fixture(scope="module")
-def evaluator(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYFLOWMAP_CACHE", str(tmp_path_factory.mktemp("cache")))
-        return ImageEvaluator("digits")
-
-
-@pytest.fixture(scope="module")
-def fm_teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fm")
-    ImageTrainer(ImageConfig(objective="fm", steps=150, **TINY), out_dir=out, progress=False).fit()
-    return out
+from tests.helpers import DIGITS_TINY as TINY  # noqa: E402  (fixtures evaluator, fm_teacher: tests/conftest.py)
 
 
 def _best_cfd(model, evaluator):

@@ -14,27 +14,13 @@ from pyflowmap.derivatives import FiniteDifference  # noqa: E402
 from pyflowmap.flowmap import FlowMap  # noqa: E402
 from pyflowmap.images.config import ImageConfig, build_image_model
 from pyflowmap.images.evaluate import evaluate_model, generate, save_image_grid  # noqa: E402
-from pyflowmap.images.metrics import ImageEvaluator  # noqa: E402
 from pyflowmap.images.train import ImageTrainer, load_run  # noqa: E402
 from pyflowmap.nn.unet import UNetFlowMap  # noqa: E402
 from pyflowmap.objectives import make_objective  # noqa: E402
 from pyflowmap.times import TimeSampler  # noqa: E402
+from tests.helpers import DIGITS_TINY  # noqa: E402
 
-TINY = dict(dataset="digits", ch=16, emb_dim=16, batch=64, lr=2e-3, warmup=10, log_every=10, ckpt_every=1000)
-
-
-@pytest.fixture(scope="module")
-def evaluator(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYFLOWMAP_CACHE", str(tmp_path_factory.mktemp("cache")))
-        return ImageEvaluator("digits")
-
-
-@pytest.fixture(scope="module")
-def fm_teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fm")
-    ImageTrainer(ImageConfig(objective="fm", steps=150, **TINY), out_dir=out, progress=False).fit()
-    return out
+TINY = DIGITS_TINY  # the fixtures evaluator and fm_teacher are in tests/conftest.py
 
 
 def _best_cfd(model, evaluator, sampler=None):
