@@ -136,6 +136,10 @@ class FiniteDifference(DerivativeMode):
     bf16 the difference of two nearby outputs would be noise). The primal output is evaluated
     in the model's own dtype. Times are shifted by ±h s_dot and ±h t_dot, so t + h may leave
     [0, 1] by h; networks are evaluated there as they are.
+
+    Under ``torch.autocast`` the two shifted evaluations run with autocast off: a bf16 GEMM's
+    rounding (~4e-3 relative) divided by 2h would swamp the derivative. The primal output
+    keeps autocast, so only the difference costs fp32 compute (docs/precision.md).
     """
 
     name = "fd"
@@ -176,7 +180,8 @@ class FiniteDifference(DerivativeMode):
             xs = x.to(d) if x_dot is None else x.to(d) + sign * h * x_dot.to(d)
             ss = s.to(d) if s_dot is None else s.to(d) + sign * h * batch_time(s_dot, x).to(d)
             ts = t.to(d) if t_dot is None else t.to(d) + sign * h * batch_time(t_dot, x).to(d)
-            return f(xs, ss, ts).to(d)
+            with torch.autocast(x.device.type, enabled=False):
+                return f(xs, ss, ts).to(d)
 
         diff = CentralDifference(shifted(1.0), shifted(-1.0), 1.0 / (2 * h), out.dtype)
         return out, (diff if lazy else diff.materialize())

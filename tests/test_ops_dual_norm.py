@@ -9,7 +9,7 @@ from torch.library import opcheck
 from pyflowmap import ops, reference
 from tests.tolerance import assert_within_reference_error
 
-DTYPES = [torch.float32, torch.float64]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 
 def _case(kind, half, d, affine, g):
@@ -74,10 +74,11 @@ def test_opcheck(dtype):
     opcheck(torch.ops.pyflowmap.dual_norm.default, (xg, w[:4].detach().requires_grad_(), None, 10, 2, 5, True, 1e-5))
 
 
-def test_layers_use_the_fused_op_and_fall_back_for_bfloat16():
+def test_layers_use_the_fused_op_and_fall_back_for_float16_on_cpu():
     pick = ops.dual_layer_norm.dispatch.pick
     assert pick(torch.zeros(2, 2)) is ops.dual_layer_norm
-    assert pick(torch.zeros(2, 2, dtype=torch.bfloat16)) is reference.dual_layer_norm
+    assert pick(torch.zeros(2, 2, dtype=torch.bfloat16)) is ops.dual_layer_norm
+    assert pick(torch.zeros(2, 2, dtype=torch.float16)) is reference.dual_layer_norm
 
 
 def test_bad_input():
@@ -85,8 +86,10 @@ def test_bad_input():
         ops.dual_layer_norm(torch.zeros(3, 4), (4,))
     with pytest.raises(RuntimeError, match="affine parameters must have 4"):
         ops.dual_layer_norm(torch.zeros(2, 4), (4,), torch.ones(3))
-    with pytest.raises(RuntimeError, match="float32 or float64"):
-        ops.dual_rms_norm(torch.zeros(2, 4, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="float32, float64 or bfloat16"):
+        ops.dual_rms_norm(torch.zeros(2, 4, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="`weight`.*dtype|dtype.*`weight`"):
+        ops.dual_layer_norm(torch.zeros(2, 4, dtype=torch.bfloat16), (4,), torch.ones(4))  # outside autocast
     with pytest.raises(ValueError, match="not divisible"):
         ops.dual_group_norm(torch.zeros(2, 6, 2), 4)
     with pytest.raises(RuntimeError, match="takes no bias"):

@@ -1,5 +1,6 @@
 // CPU kernels of the dual norms: row-parallel; per-row statistics accumulated in double,
-// element math in the input dtype; affine gradients reduced over fixed row blocks in a fixed
+// element math in double (bfloat16 loaded and stored through its raw bits, so the loops stay
+// vectorized); affine gradients reduced over fixed row blocks in a fixed
 // order (deterministic whatever the thread count). Two element layouts: one weight per element
 // (LayerNorm / RMSNorm) and channel blocks of `spatial` elements (GroupNorm).
 #include "dual_norm/dual_norm.h"
@@ -7,6 +8,7 @@
 #include "common/cpu_dispatch.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cmath>
@@ -36,22 +38,22 @@ PYFLOWMAP_INLINE void fwd_row(const T* __restrict__ x, const T* __restrict__ xd,
   double mu = 0.0;
   if (center) {
 #pragma omp simd reduction(+ : mu)
-    for (int64_t j = 0; j < L; ++j) mu += x[j];
+    for (int64_t j = 0; j < L; ++j) mu += ld(x[j]);
     mu /= L;
   }
   double var = 0.0;
 #pragma omp simd reduction(+ : var)
   for (int64_t j = 0; j < L; ++j) {
-    const double c = x[j] - mu;
+    const double c = ld(x[j]) - mu;
     var += c * c;
   }
   const double rs = 1.0 / std::sqrt(var / L + eps);
   double a = 0.0, b = 0.0;
 #pragma omp simd reduction(+ : a, b)
   for (int64_t j = 0; j < L; ++j) {
-    const double xh = (x[j] - mu) * rs;
-    a += xd[j];
-    b += xh * xd[j];
+    const double xh = (ld(x[j]) - mu) * rs;
+    a += ld(xd[j]);
+    b += xh * ld(xd[j]);
   }
   // outputs in double arithmetic too (one rounding per output), as the backward does
   const double ad = center ? a / L : 0.0, bd = b / L, mud = mu;
@@ -60,19 +62,19 @@ PYFLOWMAP_INLINE void fwd_row(const T* __restrict__ x, const T* __restrict__ xd,
     const T* bi = lay.b + lay.base;
 #pragma omp simd
     for (int64_t j = 0; j < L; ++j) {
-      const double xh = (x[j] - mud) * rs;
-      y[j] = static_cast<T>(xh * w[j] + bi[j]);
-      yd[j] = static_cast<T>(rs * (xd[j] - ad - xh * bd) * w[j]);
+      const double xh = (ld(x[j]) - mud) * rs;
+      y[j] = st<T>(xh * ld(w[j]) + ld(bi[j]));
+      yd[j] = st<T>(rs * (ld(xd[j]) - ad - xh * bd) * ld(w[j]));
     }
   } else {
     for (int64_t c = 0; c < lay.cpg; ++c) {
-      const double wc = lay.w[lay.base + c], bc = lay.b[lay.base + c];
+      const double wc = ld(lay.w[lay.base + c]), bc = ld(lay.b[lay.base + c]);
       const int64_t j0 = c * lay.spatial;
 #pragma omp simd
       for (int64_t j = j0; j < j0 + lay.spatial; ++j) {
-        const double xh = (x[j] - mud) * rs;
-        y[j] = static_cast<T>(xh * wc + bc);
-        yd[j] = static_cast<T>(rs * (xd[j] - ad - xh * bd) * wc);
+        const double xh = (ld(x[j]) - mud) * rs;
+        y[j] = st<T>(xh * wc + bc);
+        yd[j] = st<T>(rs * (ld(xd[j]) - ad - xh * bd) * wc);
       }
     }
   }
@@ -90,16 +92,16 @@ PYFLOWMAP_INLINE void bwd_row(const T* __restrict__ gy, const T* __restrict__ gy
   auto sums = [&](int64_t j0, int64_t j1, const T* w, int64_t wstride) {
 #pragma omp simd reduction(+ : Sdx, Sxdx, Su, Sxu, Sv, Sxv, Svdx)
     for (int64_t j = j0; j < j1; ++j) {
-      const double wj = w[j * wstride];
-      const double xh = (x[j] - mu) * rs;
-      const double u = gy[j] * wj, v = gyd[j] * wj;
-      Sdx += xd[j];
-      Sxdx += xh * xd[j];
+      const double wj = ld(w[j * wstride]);
+      const double xh = (ld(x[j]) - mu) * rs;
+      const double u = ld(gy[j]) * wj, v = ld(gyd[j]) * wj;
+      Sdx += ld(xd[j]);
+      Sxdx += xh * ld(xd[j]);
       Su += u;
       Sxu += xh * u;
       Sv += v;
       Sxv += xh * v;
-      Svdx += v * xd[j];
+      Svdx += v * ld(xd[j]);
     }
   };
   if (lay.per_elem) {
@@ -122,19 +124,19 @@ PYFLOWMAP_INLINE void bwd_row(const T* __restrict__ gy, const T* __restrict__ gy
     double sw = 0, sb = 0;
 #pragma omp simd reduction(+ : sw, sb)
     for (int64_t j = j0; j < j1; ++j) {
-      const double wj = w[j * wstride];
-      const double xh = (x[j] - mu) * rs;
-      const double u = gy[j] * wj, v = gyd[j] * wj;
-      const double h = kQ * xd[j] + kb * v;
-      gxd[j] = static_cast<T>(rs * (v - mv - xh * mxv));
-      gx[j] = static_cast<T>(rs * (u - mu_ - xh * mxu) + rs * (h - mh - xh * mhx) - kP * xh);
-      const double gwj = gy[j] * xh + gyd[j] * (rs * (xd[j] - a - xh * b));
+      const double wj = ld(w[j * wstride]);
+      const double xh = (ld(x[j]) - mu) * rs;
+      const double u = ld(gy[j]) * wj, v = ld(gyd[j]) * wj;
+      const double h = kQ * ld(xd[j]) + kb * v;
+      gxd[j] = st<T>(rs * (v - mv - xh * mxv));
+      gx[j] = st<T>(rs * (u - mu_ - xh * mxu) + rs * (h - mh - xh * mhx) - kP * xh);
+      const double gwj = ld(gy[j]) * xh + ld(gyd[j]) * (rs * (ld(xd[j]) - a - xh * b));
       if (gstride) {
         if (gw) gw[j] += gwj;
-        if (gb) gb[j] += gy[j];
+        if (gb) gb[j] += ld(gy[j]);
       } else {
         sw += gwj;
-        sb += gy[j];
+        sb += ld(gy[j]);
       }
     }
     if (!gstride) {
@@ -175,39 +177,50 @@ PYFLOWMAP_INLINE void bwd_rows(const T* gyy, const T* xx, const T* w, const doub
   }
 }
 
-// The float path is ISA-cloned; double (tests, references) compiles once.
-PYFLOWMAP_CLONES void fwd_rows_f32(const float* xx, const float* w, const float* b, float* yy, double* mean,
-                                   double* rstd, const Shape& s, int64_t r0, int64_t r1) {
-  fwd_rows(xx, w, b, yy, mean, rstd, s, r0, r1);
-}
-PYFLOWMAP_CLONES void bwd_rows_f32(const float* gyy, const float* xx, const float* w, const double* mean,
-                                   const double* rstd, float* gxx, double* gw, double* gb, const Shape& s,
-                                   int64_t r0, int64_t r1) {
-  bwd_rows(gyy, xx, w, mean, rstd, gxx, gw, gb, s, r0, r1);
-}
+// The float and bfloat16 paths are ISA-cloned (R: the raw storage type, bfloat16 as its
+// bits); double (tests, references) compiles once.
+#define PYFLOWMAP_ROWS(NAME, R)                                                                            \
+  PYFLOWMAP_CLONES void fwd_rows_##NAME(const R* xx, const R* w, const R* b, R* yy, double* mean, double* rstd, \
+                                        const Shape& s, int64_t r0, int64_t r1) {                          \
+    fwd_rows(xx, w, b, yy, mean, rstd, s, r0, r1);                                                        \
+  }                                                                                                        \
+  PYFLOWMAP_CLONES void bwd_rows_##NAME(const R* gyy, const R* xx, const R* w, const double* mean,          \
+                                        const double* rstd, R* gxx, double* gw, double* gb, const Shape& s,  \
+                                        int64_t r0, int64_t r1) {                                          \
+    bwd_rows(gyy, xx, w, mean, rstd, gxx, gw, gb, s, r0, r1);                                             \
+  }
+PYFLOWMAP_ROWS(f32, float)
+PYFLOWMAP_ROWS(bf16, uint16_t)
+#undef PYFLOWMAP_ROWS
 
-template <typename T>
-void fwd_dispatch(const T* xx, const T* w, const T* b, T* yy, double* mean, double* rstd, const Shape& s,
+template <typename R>
+void fwd_dispatch(const R* xx, const R* w, const R* b, R* yy, double* mean, double* rstd, const Shape& s,
                   int64_t r0, int64_t r1) {
-  if constexpr (std::is_same_v<T, float>) fwd_rows_f32(xx, w, b, yy, mean, rstd, s, r0, r1);
+  if constexpr (std::is_same_v<R, float>) fwd_rows_f32(xx, w, b, yy, mean, rstd, s, r0, r1);
+  else if constexpr (std::is_same_v<R, uint16_t>) fwd_rows_bf16(xx, w, b, yy, mean, rstd, s, r0, r1);
   else fwd_rows(xx, w, b, yy, mean, rstd, s, r0, r1);
 }
 
-template <typename T>
-void bwd_dispatch(const T* gyy, const T* xx, const T* w, const double* mean, const double* rstd, T* gxx,
+template <typename R>
+void bwd_dispatch(const R* gyy, const R* xx, const R* w, const double* mean, const double* rstd, R* gxx,
                   double* gw, double* gb, const Shape& s, int64_t r0, int64_t r1) {
-  if constexpr (std::is_same_v<T, float>) bwd_rows_f32(gyy, xx, w, mean, rstd, gxx, gw, gb, s, r0, r1);
+  if constexpr (std::is_same_v<R, float>) bwd_rows_f32(gyy, xx, w, mean, rstd, gxx, gw, gb, s, r0, r1);
+  else if constexpr (std::is_same_v<R, uint16_t>) bwd_rows_bf16(gyy, xx, w, mean, rstd, gxx, gw, gb, s, r0, r1);
   else bwd_rows(gyy, xx, w, mean, rstd, gxx, gw, gb, s, r0, r1);
 }
 
 }  // namespace
 
 template <typename T>
-void forward_cpu(const T* xx, const T* weight, const T* bias, T* yy, double* mean, double* rstd, const Shape& s) {
+void forward_cpu(const T* xx_, const T* weight_, const T* bias_, T* yy_, double* mean, double* rstd, const Shape& s) {
+  using R = typename Raw<T>::R;
+  const R *xx = reinterpret_cast<const R*>(xx_), *weight = reinterpret_cast<const R*>(weight_),
+          *bias = reinterpret_cast<const R*>(bias_);
+  R* yy = reinterpret_cast<R*>(yy_);
   // absent affine parameters become ones / zeros so the element loops carry no branches
-  std::vector<T> ones, zeros;
-  if (!weight) { ones.assign(s.channels, T(1)); weight = ones.data(); }
-  if (!bias) { zeros.assign(s.channels, T(0)); bias = zeros.data(); }
+  std::vector<R> ones, zeros;
+  if (!weight) { ones.assign(s.channels, st<R>(1.0)); weight = ones.data(); }
+  if (!bias) { zeros.assign(s.channels, st<R>(0.0)); bias = zeros.data(); }
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(s.len, 1));
   at::parallel_for(0, s.rows, grain, [&](int64_t r0, int64_t r1) {
     fwd_dispatch(xx, weight, bias, yy, mean, rstd, s, r0, r1);
@@ -215,10 +228,14 @@ void forward_cpu(const T* xx, const T* weight, const T* bias, T* yy, double* mea
 }
 
 template <typename T>
-void backward_cpu(const T* gyy, const T* xx, const T* weight, const double* mean, const double* rstd, T* gxx,
-                  T* gw, T* gb, const Shape& s) {
-  std::vector<T> ones;
-  if (!weight) { ones.assign(s.channels, T(1)); weight = ones.data(); }
+void backward_cpu(const T* gyy_, const T* xx_, const T* weight_, const double* mean, const double* rstd, T* gxx_,
+                  T* gw_, T* gb_, const Shape& s) {
+  using R = typename Raw<T>::R;
+  const R *gyy = reinterpret_cast<const R*>(gyy_), *xx = reinterpret_cast<const R*>(xx_),
+          *weight = reinterpret_cast<const R*>(weight_);
+  R *gxx = reinterpret_cast<R*>(gxx_), *gw = reinterpret_cast<R*>(gw_), *gb = reinterpret_cast<R*>(gb_);
+  std::vector<R> ones;
+  if (!weight) { ones.assign(s.channels, st<R>(1.0)); weight = ones.data(); }
   // At most kMaxBlocks blocks, so the per-block affine scratch stays small next to the input
   // (one row per block made it twice the size of xx for long LayerNorm rows).
   constexpr int64_t kMaxBlocks = 64;
@@ -241,16 +258,18 @@ void backward_cpu(const T* gyy, const T* xx, const T* weight, const double* mean
       if (need_w) sw += wacc[blk * s.channels + c];
       if (need_b) sb += bacc[blk * s.channels + c];
     }
-    if (need_w) gw[c] = static_cast<T>(sw);
-    if (need_b) gb[c] = static_cast<T>(sb);
+    if (need_w) gw[c] = st<R>(sw);
+    if (need_b) gb[c] = st<R>(sb);
   }
 }
 
-template void forward_cpu<float>(const float*, const float*, const float*, float*, double*, double*, const Shape&);
-template void forward_cpu<double>(const double*, const double*, const double*, double*, double*, double*, const Shape&);
-template void backward_cpu<float>(const float*, const float*, const float*, const double*, const double*, float*,
-                                  float*, float*, const Shape&);
-template void backward_cpu<double>(const double*, const double*, const double*, const double*, const double*,
-                                   double*, double*, double*, const Shape&);
+#define PYFLOWMAP_INSTANTIATE(T)                                                                            \
+  template void forward_cpu<T>(const T*, const T*, const T*, T*, double*, double*, const Shape&);          \
+  template void backward_cpu<T>(const T*, const T*, const T*, const double*, const double*, T*, T*, T*,    \
+                                const Shape&);
+PYFLOWMAP_INSTANTIATE(float)
+PYFLOWMAP_INSTANTIATE(double)
+PYFLOWMAP_INSTANTIATE(c10::BFloat16)
+#undef PYFLOWMAP_INSTANTIATE
 
 }  // namespace pyflowmap::dual_norm

@@ -21,7 +21,7 @@ namespace pyflowmap::dual_norm {
 namespace {
 
 // The dtypes the kernels are instantiated for (dual_norm_cpu.cpp, dual_norm.cu).
-using CpuTypes = dtypes<float, double>;
+using CpuTypes = dtypes<float, double, c10::BFloat16>;
 using CudaTypes = dtypes<float, double, c10::Half, c10::BFloat16>;
 
 struct NormArgs {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pyflowmap import _moved
 from pyflowmap.nn import functional as DF
-from pyflowmap.nn.forward_ad import AttentionFn
+from pyflowmap.nn.forward_ad import attention
 from pyflowmap.nn.layers import DualModule, Linear
 
 
@@ -37,7 +37,7 @@ class Attention(DualModule):
 
     def forward(self, x):
         q, k, v = self._heads(self.qkv(x))
-        return self.proj(self._merge(AttentionFn.apply(q, k, v, self.causal)))
+        return self.proj(self._merge(attention(q, k, v, self.causal)))
 
     def dual(self, xx):
         q, k, v = self._heads(self.qkv.dual(xx))

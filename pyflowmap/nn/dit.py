@@ -12,7 +12,7 @@ from pyflowmap.conditioning import Conditioned
 from pyflowmap.nn import functional as DF
 from pyflowmap.nn.attention import Attention
 from pyflowmap.nn.embeddings import SinusoidalEmbedding, make_step_embedding, time_tangents
-from pyflowmap.nn.forward_ad import AttentionFn
+from pyflowmap.nn.forward_ad import attention
 from pyflowmap.nn.layers import Activation, Conv2d, DualModule, LayerNorm, Linear, RMSNorm, Sequential, modulate, stack
 
 POS_EMBEDS = ("sincos", "learned")
@@ -59,7 +59,7 @@ class DiTAttention(Attention):
         q, k, v = self._heads(self.qkv(x))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.proj(self._merge(AttentionFn.apply(q, k, v, self.causal)))
+        return self.proj(self._merge(attention(q, k, v, self.causal)))
 
     def dual(self, xx):
         q, k, v = self._heads(self.qkv.dual(xx))  # [2B, H, N, D]: stacked along dim 0

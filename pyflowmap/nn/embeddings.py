@@ -43,9 +43,11 @@ class SinusoidalEmbedding(nn.Module):
         self.dim = dim
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` ``[B]`` -> ``[B, dim]``."""
-        arg = t.unsqueeze(-1) * self.freqs.to(t.dtype)
-        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
+        """``t`` ``[B]`` -> ``[B, dim]``, computed in float32 (float64 for a float64 ``t``) and
+        returned in ``t``'s dtype: with scale 100 a bf16 argument would be off by up to ~0.4 rad."""
+        tc = t if t.dtype == torch.float64 else t.float()
+        arg = tc.unsqueeze(-1) * self.freqs.to(tc.dtype)
+        return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1).to(t.dtype)
 
     def dual(self, t: torch.Tensor, t_dot: torch.Tensor | None) -> torch.Tensor:
         """Stacked ``[emb(t); d emb(t)/dt * t_dot]``, ``[2B, dim]`` (zero tangent for None)."""

@@ -124,3 +124,24 @@ class AttentionFn(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         oo = DF.dual_attention(DF.stack(q, q_dot), DF.stack(k, k_dot), DF.stack(v, v_dot), ctx.causal)
         return DF.split(oo)[1]
+
+
+# The primal layers call these. Under torch.compile they run the native op: Dynamo cannot trace
+# an autograd.Function with a custom jvp (a graph break at every layer), and the jvp rules
+# serve torch.func.jvp alone, which a compiled step does not use (docs/precision.md).
+def activation(z, kind: str):
+    if torch.compiler.is_compiling():
+        return F.gelu(z) if kind == "gelu" else F.silu(z)
+    return ActivationFn.apply(z, kind)
+
+
+def layer_norm(x, normalized_shape, weight, bias, eps: float):
+    if torch.compiler.is_compiling():
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    return LayerNormFn.apply(x, normalized_shape, weight, bias, eps)
+
+
+def attention(q, k, v, causal: bool):
+    if torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return AttentionFn.apply(q, k, v, causal)

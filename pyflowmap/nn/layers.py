@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pyflowmap.nn import functional as DF
-from pyflowmap.nn.forward_ad import ActivationFn, LayerNormFn
+from pyflowmap.nn import forward_ad
 
 
 class DualModule(nn.Module):
@@ -32,7 +32,8 @@ class Conv2d(nn.Conv2d, DualModule):
         if self.bias is None:
             return y
         half = y.shape[0] // 2
-        return torch.cat([y[:half] + self.bias.view(1, -1, 1, 1), y[half:]])
+        # under autocast the bias follows the convolution's dtype, as in nn.Conv2d
+        return torch.cat([y[:half] + self.bias.to(y.dtype).view(1, -1, 1, 1), y[half:]])
 
 
 class Activation(DualModule):
@@ -45,7 +46,7 @@ class Activation(DualModule):
         self.kind = kind
 
     def forward(self, x):
-        return ActivationFn.apply(x, self.kind)
+        return forward_ad.activation(x, self.kind)
 
     def dual(self, xx):
         return DF.dual_act(xx, self.kind)
@@ -66,7 +67,7 @@ class LayerNorm(nn.LayerNorm, DualModule):
     """nn.LayerNorm whose primal forward has a jvp rule with correct gradients (forward_ad.LayerNormFn)."""
 
     def forward(self, x):
-        return LayerNormFn.apply(x, tuple(self.normalized_shape), self.weight, self.bias, self.eps)
+        return forward_ad.layer_norm(x, tuple(self.normalized_shape), self.weight, self.bias, self.eps)
 
     def dual(self, xx):
         return DF.dual_layer_norm(xx, self.normalized_shape, self.weight, self.bias, self.eps)

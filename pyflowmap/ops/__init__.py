@@ -12,6 +12,9 @@ from pyflowmap.ops.dual_linear import dual_linear
 from pyflowmap.ops.dual_norm import dual_group_norm, dual_layer_norm, dual_rms_norm
 from pyflowmap.ops.losses import flowmap_fd_loss, flowmap_loss
 from pyflowmap.ops.sampler import flowmap_step
+from pyflowmap.ops._autocast import register_all as _register_autocast
+
+_register_autocast()  # after the fake and autograd kernels above: docs/precision.md
 
 __all__ = ["dual_act", "dual_attention", "dual_group_norm", "dual_layer_norm", "dual_linear", "dual_rms_norm", "flowmap_fd_loss",
            "flowmap_loss", "flowmap_step", "jvp_attention"]

@@ -12,9 +12,6 @@ from pyflowmap.ops._autograd import forbid_double_backward
 from pyflowmap.reference import dual as _ref
 from pyflowmap.reference.dual import check_normalized_shape
 
-_CPU_DTYPES = (torch.float32, torch.float64)  # the CPU kernel; CUDA covers 16-bit types too
-
-
 def _norm(xx, weight, bias, length, groups, spatial, center, eps):
     yy, _, _ = torch.ops.pyflowmap.dual_norm(
         xx, None if weight is None else weight.reshape(-1), None if bias is None else bias.reshape(-1),
@@ -22,20 +19,20 @@ def _norm(xx, weight, bias, length, groups, spatial, center, eps):
     return yy
 
 
-@fused_op(twin=_ref.dual_layer_norm, kernel="dual_norm", cpu_dtypes=_CPU_DTYPES)
+@fused_op(twin=_ref.dual_layer_norm, kernel="dual_norm")
 def dual_layer_norm(xx, normalized_shape, weight=None, bias=None, eps=1e-5):
     """Fused twin of :func:`pyflowmap.reference.dual_layer_norm`."""
     check_normalized_shape(xx, normalized_shape)
     return _norm(xx, weight, bias, math.prod(tuple(normalized_shape)), 1, 1, True, eps)
 
 
-@fused_op(twin=_ref.dual_rms_norm, kernel="dual_norm", cpu_dtypes=_CPU_DTYPES)
+@fused_op(twin=_ref.dual_rms_norm, kernel="dual_norm")
 def dual_rms_norm(xx, weight=None, eps=1e-6):
     """Fused twin of :func:`pyflowmap.reference.dual_rms_norm`."""
     return _norm(xx, weight, None, xx.shape[-1], 1, 1, False, eps)
 
 
-@fused_op(twin=_ref.dual_group_norm, kernel="dual_norm", cpu_dtypes=_CPU_DTYPES)
+@fused_op(twin=_ref.dual_group_norm, kernel="dual_norm")
 def dual_group_norm(xx, groups, weight=None, bias=None, eps=1e-5):
     """Fused twin of :func:`pyflowmap.reference.dual_group_norm` for ``[2B, C, ...]``."""
     c = xx.shape[1]

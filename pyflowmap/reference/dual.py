@@ -36,6 +36,17 @@ def check_normalized_shape(xx: torch.Tensor, normalized_shape) -> None:
         raise ValueError(f"layer norm over {shape} needs an input ending in those dims, got {tuple(xx.shape)}")
 
 
+def _norm_inputs(xx: torch.Tensor, *params):
+    """(xx, params, out dtype) for a norm twin: 16-bit inputs are normalized in float32 and
+    the result rounded once to their dtype, as the kernels do; under autocast the affine
+    parameters are first cast to xx's dtype (the norms' "follow" policy, docs/precision.md)."""
+    out = xx.dtype
+    if torch.is_autocast_enabled(xx.device.type):
+        params = tuple(None if p is None else p.to(out) for p in params)
+    comp = torch.float32 if out in (torch.float16, torch.bfloat16) else out
+    return xx.to(comp), tuple(None if p is None else p.to(comp) for p in params), out
+
+
 def activation_derivatives(z: torch.Tensor, kind: str):
     """(a(z), a'(z), a''(z)) for ``kind`` in ``ACTIVATIONS`` (GELU is the exact erf form)."""
     if kind == "gelu":
@@ -59,6 +70,7 @@ def dual_layer_norm(xx: torch.Tensor, normalized_shape, weight=None, bias=None, 
     """LayerNorm over the trailing ``normalized_shape`` dims with its tangent:
     xhat_dot = rstd (x_dot - mean(x_dot) - xhat mean(xhat x_dot)); y_dot = weight * xhat_dot."""
     check_normalized_shape(xx, normalized_shape)
+    xx, (weight, bias), out = _norm_inputs(xx, weight, bias)
     x, x_dot = split(xx)
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
     mean = x.mean(dims, keepdim=True)
@@ -70,22 +82,24 @@ def dual_layer_norm(xx: torch.Tensor, normalized_shape, weight=None, bias=None, 
         xhat, xhat_dot = xhat * weight, xhat_dot * weight
     if bias is not None:
         xhat = xhat + bias
-    return torch.cat([xhat, xhat_dot])
+    return torch.cat([xhat, xhat_dot]).to(out)
 
 
 def dual_rms_norm(xx: torch.Tensor, weight=None, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dim: y = x rstd, y_dot = rstd (x_dot - y mean(y x_dot))."""
+    xx, (weight,), out = _norm_inputs(xx, weight)
     x, x_dot = split(xx)
     rstd = torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
     y = x * rstd
     y_dot = rstd * (x_dot - y * (y * x_dot).mean(-1, keepdim=True))
     if weight is not None:
         y, y_dot = y * weight, y_dot * weight
-    return torch.cat([y, y_dot])
+    return torch.cat([y, y_dot]).to(out)
 
 
 def dual_group_norm(xx: torch.Tensor, groups: int, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
     """GroupNorm of ``[2B, C, ...]`` with its tangent (LayerNorm's formula per group)."""
+    xx, (weight, bias), out = _norm_inputs(xx, weight, bias)
     x, x_dot = split(xx)
     n, c = x.shape[0], x.shape[1]
     if c % groups:
@@ -104,7 +118,7 @@ def dual_group_norm(xx: torch.Tensor, groups: int, weight=None, bias=None, eps: 
         xhat, xhat_dot = xhat * w, xhat_dot * w
     if bias is not None:
         xhat = xhat + bias.reshape((1, c) + (1,) * (x.dim() - 2))
-    return torch.cat([xhat, xhat_dot])
+    return torch.cat([xhat, xhat_dot]).to(out)
 
 
 def dual_modulate(hh: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -174,14 +188,18 @@ def dual_attention(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, causal:
 
 
 def dual_sinusoidal(t: torch.Tensor, t_dot: torch.Tensor | None, freqs: torch.Tensor) -> torch.Tensor:
-    """[cos(w t), sin(w t)] and its tangent [-w sin(w t), w cos(w t)] t_dot, stacked ``[2B, dim]``."""
+    """[cos(w t), sin(w t)] and its tangent [-w sin(w t), w cos(w t)] t_dot, stacked ``[2B, dim]``;
+    computed in float32 (float64 for float64 ``t``) and returned in ``t``'s dtype."""
+    out = t.dtype
+    if t.dtype != torch.float64:
+        t = t.float()
     arg = t.unsqueeze(-1) * freqs.to(t.dtype)
     emb = torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
     if t_dot is None:
-        return torch.cat([emb, torch.zeros_like(emb)])
+        return torch.cat([emb, torch.zeros_like(emb)]).to(out)
     w = freqs.to(t.dtype)
-    d = torch.cat([-w * torch.sin(arg), w * torch.cos(arg)], dim=-1) * t_dot.unsqueeze(-1)
-    return torch.cat([emb, d])
+    d = torch.cat([-w * torch.sin(arg), w * torch.cos(arg)], dim=-1) * t_dot.to(t.dtype).unsqueeze(-1)
+    return torch.cat([emb, d]).to(out)
 
 
 def dual_linear(xx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,7 +211,8 @@ def dual_linear(xx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if bias is None:
         return y
     half = y.shape[0] // 2
-    return torch.cat([y[:half] + bias, y[half:]])
+    # under autocast the bias follows the GEMM's dtype (F.linear's own rule)
+    return torch.cat([y[:half] + bias.to(y.dtype), y[half:]])
 
 
 def dual_act_backward(grad: torch.Tensor, zz: torch.Tensor, kind: str = "gelu") -> torch.Tensor:
