@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from pyflowmap._tensors import batch_tangent
+from pyflowmap._tensors import acc_dtype, batch_tangent
 
 
 def time_tangents(s, t, s_dot, t_dot):
@@ -45,7 +45,7 @@ class SinusoidalEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` ``[B]`` -> ``[B, dim]``, computed in float32 (float64 for a float64 ``t``) and
         returned in ``t``'s dtype: with scale 100 a bf16 argument would be off by up to ~0.4 rad."""
-        tc = t if t.dtype == torch.float64 else t.float()
+        tc = t.to(acc_dtype(t.dtype))
         arg = tc.unsqueeze(-1) * self.freqs.to(tc.dtype)
         return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1).to(t.dtype)
 

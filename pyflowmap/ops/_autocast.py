@@ -56,9 +56,9 @@ def cast_args(policy: str, args, device_type: str):
     def cast(a):
         if not isinstance(a, torch.Tensor) or not a.is_floating_point() or a.dtype == dt:
             return a
-        if a.dtype == torch.float64 and policy in ("lower", "fp32"):
+        if policy == "lower" and a.dtype == torch.float64:
             return a
-        if policy == "fp32" and a.dtype not in _LOW:
+        if policy == "fp32" and a.dtype not in _LOW:  # float64 included
             return a
         return a.to(dt)
 
@@ -82,8 +82,7 @@ def register_autocast(qualname: str, policy: str, lib: torch.library.Library) ->
                 return op(*cast_args(policy, args, _dev))
 
         # the Python-dispatcher entry (what torch.compile's tracing calls) and the C++ one
-        if op.has_kernel_for_dispatch_key(key):
-            op.py_kernels.pop(key, None)
+        op.py_kernels.pop(key, None)
         op.py_impl(key)(run)
         lib.impl(name, lambda _keyset, *args, _run=run: _run(*args), key_name, with_keyset=True)
 

@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pyflowmap._tensors import acc_dtype
+
 ACTIVATIONS = ("gelu", "silu")
 
 
@@ -43,7 +45,7 @@ def _norm_inputs(xx: torch.Tensor, *params):
     out = xx.dtype
     if torch.is_autocast_enabled(xx.device.type):
         params = tuple(None if p is None else p.to(out) for p in params)
-    comp = torch.float32 if out in (torch.float16, torch.bfloat16) else out
+    comp = acc_dtype(out)
     return xx.to(comp), tuple(None if p is None else p.to(comp) for p in params), out
 
 
@@ -191,8 +193,7 @@ def dual_sinusoidal(t: torch.Tensor, t_dot: torch.Tensor | None, freqs: torch.Te
     """[cos(w t), sin(w t)] and its tangent [-w sin(w t), w cos(w t)] t_dot, stacked ``[2B, dim]``;
     computed in float32 (float64 for float64 ``t``) and returned in ``t``'s dtype."""
     out = t.dtype
-    if t.dtype != torch.float64:
-        t = t.float()
+    t = t.to(acc_dtype(out))
     arg = t.unsqueeze(-1) * freqs.to(t.dtype)
     emb = torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
     if t_dot is None:
