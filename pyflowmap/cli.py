@@ -33,6 +33,10 @@ HELP = {
     "steps": "total optimizer steps",
     "batch": "batch size",
     "seed": "seed of initialization and of the training stream",
+    "precision": "the step's arithmetic: fp32, bf16 or fp16 (autocast with fp32 master weights and EMA; fp16 with "
+                 "a dynamic loss scale; docs/precision.md)",
+    "compile": "torch.compile the step (network, tangents, teacher, loss and backward) as one graph; falls back "
+               "to eager with a warning where PyTorch cannot",
 }
 # image-train's own (the toy ``train`` has a --depth of its own)
 IMAGE_HELP = {

@@ -176,22 +176,31 @@ def fsdp_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if getattr(m, "fsdp_unit", False)]
 
 
-def wrap_fsdp(model: nn.Module, objective: nn.Module, compute: Callable):
+def wrap_fsdp(model: nn.Module, objective: nn.Module, compute: Callable, mp_policy=None, compile_blocks: bool = False):
     """FSDP2 (``fully_shard``): each block of ``model`` is its own unit, gathered just before
     it runs and freed after, with its ``dual`` (explicit-tangent) method registered as a
     forward so the tangent pass gathers it too; a frozen teacher inside ``objective`` is
     sharded the same way; the root unit (stems, embeddings, heads) wraps the step's
     :class:`LossModule`. Parameters,
-    gradients and optimizer state are sharded over ranks; gradients are averaged like DDP's."""
+    gradients and optimizer state are sharded over ranks; gradients are averaged like DDP's.
+    ``mp_policy``: FSDP2's ``MixedPrecisionPolicy`` for every unit (None: fp32).
+    ``compile_blocks``: each unit's ``forward`` and ``dual`` under torch.compile, inside
+    FSDP2's gather / free hooks (Dynamo does not trace those hooks, so a compiled step under
+    FSDP2 is a graph per block, not one graph)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     # the objective's frozen teacher (LMD, EMD, PFMM) is sharded block by block too
+    kw = {} if mp_policy is None else {"mp_policy": mp_policy}
     for block in fsdp_blocks(model) + fsdp_blocks(objective):
-        fully_shard(block)
+        if compile_blocks:  # before fully_shard: its hooks must wrap the compiled methods
+            block.forward = torch.compile(block.forward)
+            if hasattr(block, "dual"):
+                block.dual = torch.compile(block.dual)
+        fully_shard(block, **kw)
         if hasattr(block, "dual"):
             register_fsdp_forward_method(block, "dual")
     module = LossModule(model, objective, compute)
-    fully_shard(module)
+    fully_shard(module, **kw)
     return module
 
 

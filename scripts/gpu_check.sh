@@ -4,7 +4,9 @@
 #   bash scripts/gpu_check.sh            (on a machine with nvcc and a CUDA torch)
 # FAST=1 (a short device budget, ~5 minutes on an H200): the CUDA op tests only, memcheck only
 # over the smallest shapes, and the headline benchmarks (fused losses, attention at N = 4k/8k,
-# the DiT and sCM steps); the other knobs below still override it.
+# the DiT and sCM steps); the other knobs below still override it. The full run adds the
+# bf16 / fp16 autocast tests on CUDA and benchmarks/test_bench_precision.py (fp32 vs bf16, dual
+# vs jvp, eager vs compiled; its compiles take a few minutes).
 # Knobs for a short device budget: SANITIZERS="memcheck" (default both), SKIP_BENCH=1,
 # SANITIZE_TESTS="tests/test_ops_dual_attention.py" (default: sampler + attention op tests),
 # BENCH="benchmarks/test_bench_attention.py" (default: every CUDA benchmark file).
@@ -19,7 +21,7 @@ PY="${PYTHON:-python3}"
 if [ -n "${FAST:-}" ]; then
   SANITIZERS="${SANITIZERS:-memcheck}"
   SANITIZE_TESTS="${SANITIZE_TESTS:-tests/test_ops_sampler.py}"
-  TESTS="${TESTS:-tests/test_ops_cuda.py tests/test_ops_sampler.py tests/test_ops_dual_attention.py tests/test_ops_losses.py tests/test_sampling.py tests/test_scm.py}"
+  TESTS="${TESTS:-tests/test_ops_cuda.py tests/test_ops_sampler.py tests/test_ops_dual_attention.py tests/test_ops_losses.py tests/test_sampling.py tests/test_scm.py tests/test_autocast.py}"
   BENCH="${BENCH:-benchmarks/test_bench_cuda.py benchmarks/test_bench_attention.py benchmarks/test_bench_transformer.py benchmarks/test_bench_scm.py}"
   BENCH_K="${BENCH_K:-not 16384 and not 1024}"
 fi
@@ -84,7 +86,7 @@ done
 
 [ -n "${SKIP_BENCH:-}" ] && exit 0
 step "benchmarks (cuda)"
-PYFLOWMAP_BENCH_DEVICES=cuda "$PY" -m pytest ${BENCH:-benchmarks/test_bench_flowmap_step.py benchmarks/test_bench_cuda.py benchmarks/test_bench_attention.py benchmarks/test_bench_guidance.py benchmarks/test_bench_transformer.py benchmarks/test_bench_scm.py} \
+PYFLOWMAP_BENCH_DEVICES=cuda "$PY" -m pytest ${BENCH:-benchmarks/test_bench_flowmap_step.py benchmarks/test_bench_cuda.py benchmarks/test_bench_attention.py benchmarks/test_bench_guidance.py benchmarks/test_bench_transformer.py benchmarks/test_bench_scm.py benchmarks/test_bench_precision.py} \
   ${BENCH_K:+-k "$BENCH_K"} -q -p no:cacheprovider --benchmark-json "$OUT/bench_cuda.json" --benchmark-columns=median,iqr > "$OUT/bench.log" 2>&1
 echo "bench exit $?"; tail -3 "$OUT/bench.log"
 "$PY" benchmarks/report.py "$OUT/bench_cuda.json" | tee "$OUT/bench_cuda.md"

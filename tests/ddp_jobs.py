@@ -46,6 +46,13 @@ JOBS_FSDP = [("lsd", "dual", {"fsdp": True}), ("esd", "dual", {"fsdp": True}), (
              ("sct", "dual", {"fsdp": True}), ("scd", "dual", {"fsdp": True, **TINY_DIT})]
 
 
+# mixed precision (autocast; FSDP2: its MixedPrecisionPolicy) and compiled steps, float32
+JOBS_PRECISION = [("2d", "lsd", "dual", {"precision": "bf16"}), ("2d", "lsd", "jvp", {"precision": "fp16"}),
+                  ("2d", "lsd", "dual", {"compile": True}), ("2d", "meanflow", "dual", {"compile": True, "precision": "bf16"}),
+                  ("image", "lsd", "dual", {"precision": "bf16"}), ("image", "lsd", "dual", {"fsdp": True, "precision": "bf16"}),
+                  ("image", "lsd", "dual", {"fsdp": True, "compile": True, **TINY_DIT})]
+
+
 def job_name(kind, obj, mode, extra) -> str:
     tail = "-".join(f"{k}={v}" for k, v in sorted(extra.items()))
     return f"{kind}-{obj}-{mode}" + (f"-{tail}" if tail else "")
@@ -75,7 +82,8 @@ def result(trainer) -> dict:
     """Whole tensors (FSDP2 shards gathered: a collective, every rank calls it)."""
     return {"model": _whole(trainer.model.state_dict()), "ema": _whole(trainer.ema.state_dict()),
             "objective": _whole(trainer.objective.state_dict()), "losses": [row["loss"] for row in trainer.history],
-            "grad_norms": [row["grad_norm"] for row in trainer.history], "skipped": trainer.skipped}
+            "grad_norms": [row["grad_norm"] for row in trainer.history], "skipped": trainer.skipped,
+            "compiled": getattr(trainer.compiled_loss, "active", None), "precision": trainer.precision.state_dict()}
 
 
 def _run(kind, obj, mode, extra, data, teacher, work_dir):
@@ -118,7 +126,8 @@ def run_jobs(jobs, data=None, teacher="", work_dir=None) -> dict:
     out = {}
     for kind, obj, mode, extra in jobs:
         default = torch.get_default_dtype()
-        if kind == "image":
+        # (mixed precision leaves float64 alone: those jobs stay float32)
+        if kind == "image" and extra.get("precision", "fp32") == "fp32" and not extra.get("compile"):
             torch.set_default_dtype(torch.float64)
         try:
             out[job_name(kind, obj, mode, extra)] = _run(
@@ -157,6 +166,7 @@ def worker(rank: int, world: int, port: int, jobs, data_path: str, teacher: str,
         res = run_jobs(jobs, data=data, teacher=teacher, work_dir=work_dir or None)
         if rank == 0:
             torch.save(res, Path(out_path))
+        dist.barrier()  # no rank tears gloo down while another still uses it (seen: a SIGABRT)
     finally:
         dist.destroy_process_group()
 
@@ -239,5 +249,6 @@ def cond_worker(rank: int, world: int, port: int, jobs, out_path: str) -> None:
         res = run_cond_jobs(jobs)
         if rank == 0:
             torch.save(res, Path(out_path))
+        dist.barrier()  # no rank tears gloo down while another still uses it (seen: a SIGABRT)
     finally:
         dist.destroy_process_group()

@@ -1,7 +1,8 @@
 """The fused ops under torch.autocast (docs/precision.md): each op's dtype policy, fake kernels
 that agree with the kernels (opcheck under autocast), fused against the twin under autocast
 with the precision-tied tolerance, finite differences kept in fp32, time embeddings in fp32,
-and a primal step that compiles without graph breaks."""
+and a primal step that compiles without graph breaks. On every device of the test matrix:
+bf16 on the CPU, bf16 and fp16 on CUDA."""
 
 import pytest
 import torch
@@ -11,48 +12,79 @@ from torch.library import opcheck
 
 import pyflowmap as pf
 from pyflowmap import ops
+from tests.conftest import DEVICES
 from tests.tolerance import assert_within_reference_error
 
 BF16 = torch.bfloat16
+# (device, 16-bit dtype) pairs: CPU autocast is bf16; CUDA runs both
+CASES = [(d, low) for d in DEVICES for low in ((BF16,) if d == "cpu" else (BF16, torch.float16))]
 
 
-def autocast():
-    return torch.autocast("cpu", dtype=BF16)
+def autocast(device="cpu", dtype=BF16):
+    return torch.autocast(device, dtype=dtype)
 
 
-def test_policies_set_the_output_dtypes():
+def _randn(*shape, g, device="cpu"):
+    return torch.randn(*shape, generator=g).to(device)
+
+
+@pytest.mark.parametrize("device,low", CASES)
+def test_policies_set_the_output_dtypes(device, low):
     g = torch.Generator().manual_seed(0)
-    xx, w, b = torch.randn(6, 5, generator=g), torch.randn(4, 5, generator=g), torch.randn(4, generator=g)
-    q = torch.randn(4, 2, 3, 8, generator=g)
-    with autocast():
-        assert ops.dual_linear(xx, w, b).dtype == BF16  # "lower"
-        assert ops.dual_attention(q, q, q).dtype == BF16
+    xx, w, b = _randn(6, 5, g=g, device=device), _randn(4, 5, g=g, device=device), _randn(4, g=g, device=device)
+    q = _randn(4, 2, 3, 8, g=g, device=device)
+    ones, zeros = (lambda n: torch.ones(n, device=device)), (lambda n: torch.zeros(n, device=device))  # noqa: E731
+    with autocast(device, low):
+        assert ops.dual_linear(xx, w, b).dtype == low  # "lower"
+        assert ops.dual_attention(q, q, q).dtype == low
         h = ops.dual_linear(xx, w, b)
-        assert ops.dual_layer_norm(h, (4,), torch.ones(4), torch.zeros(4)).dtype == BF16  # "follow"
-        assert ops.dual_layer_norm(xx, (5,), torch.ones(5), torch.zeros(5)).dtype == torch.float32
-        assert ops.dual_act(h).dtype == BF16  # falls through: its input's dtype
-        loss, per = ops.flowmap_loss(h, torch.randn(6, 4, generator=g))  # "fp32"
+        assert ops.dual_layer_norm(h, (4,), ones(4), zeros(4)).dtype == low  # "follow"
+        assert ops.dual_layer_norm(xx, (5,), ones(5), zeros(5)).dtype == torch.float32
+        assert ops.dual_act(h).dtype == low  # falls through: its input's dtype
+        loss, per = ops.flowmap_loss(h, _randn(6, 4, g=g, device=device))  # "fp32"
         assert loss.dtype == per.dtype == torch.float32
-        x = torch.randn(6, 4, generator=g)
-        assert ops.flowmap_step(x, h, torch.zeros(6), torch.ones(6)).dtype == torch.float32  # "promote"
+        x = _randn(6, 4, g=g, device=device)
+        assert ops.flowmap_step(x, h, zeros(6), ones(6)).dtype == torch.float32  # "promote"
         # float64 is never cast
         assert ops.dual_linear(xx.double(), w.double(), b.double()).dtype == torch.float64
 
 
-def test_opcheck_under_autocast():
+@pytest.mark.parametrize("device,low", CASES)
+def test_opcheck_under_autocast(device, low):
     g = torch.Generator().manual_seed(0)
-    xx = torch.randn(4, 6, generator=g, requires_grad=True)
-    w, b = torch.randn(5, 6, generator=g, requires_grad=True), torch.randn(5, generator=g, requires_grad=True)
-    hb = torch.randn(4, 6, generator=g).to(BF16).requires_grad_()
-    nw = torch.randn(6, generator=g, requires_grad=True)
-    p = torch.randn(4, 6, generator=g).to(BF16).requires_grad_()
-    with autocast():
+    leaf = lambda *shape, dtype=torch.float32: _randn(*shape, g=g, device=device).to(dtype).requires_grad_()  # noqa: E731
+    xx, w, b = leaf(4, 6), leaf(5, 6), leaf(5)
+    hb, nw, p = leaf(4, 6, dtype=low), leaf(6), leaf(4, 6, dtype=low)
+    with autocast(device, low):
         opcheck(torch.ops.pyflowmap.dual_linear.default, (xx, w, b))
         opcheck(torch.ops.pyflowmap.dual_norm.default, (hb, nw, None, 6, 1, 1, True, 1e-5))
-        # dual_attention is left out: under AOT its bf16 backward differs from eager's by ~6%
-        # (tracked in docs/precision.md)
-        opcheck(torch.ops.pyflowmap.flowmap_loss.default, (p, torch.randn(4, 6), None, "l2sq", 0.0))
-        opcheck(torch.ops.pyflowmap.flowmap_step.default, (torch.randn(4, 6), p.detach(), torch.zeros(4), torch.ones(4)))
+        q = [_randn(2, 2, 5, 8, g=g, device=device).requires_grad_() for _ in range(6)]
+        opcheck(torch.ops.pyflowmap.dual_attention.default, (*q, False, 0.35))
+        opcheck(torch.ops.pyflowmap.flowmap_loss.default, (p, _randn(4, 6, g=g, device=device), None, "l2sq", 0.0))
+        opcheck(torch.ops.pyflowmap.flowmap_step.default,
+                (_randn(4, 6, g=g, device=device), p.detach(), torch.zeros(4, device=device),
+                 torch.ones(4, device=device)))
+
+
+@pytest.mark.parametrize("device,low", CASES)
+def test_backward_inside_autocast_equals_backward_outside(device, low):
+    """The backward ops run with autocast off ("keep"): a backward called inside the autocast
+    region (as opcheck and some training loops do) gives the gradients of one called outside.
+    Before, the chunked attention backward's fp32 GEMMs were autocast to 16 bits (~3x the error)."""
+    g = torch.Generator().manual_seed(0)
+    leaves = [_randn(3, 2, 7, 8, g=g, device=device) for _ in range(6)]
+    gouts = [_randn(3, 2, 7, 8, g=g, device=device) for _ in range(2)]
+
+    def grads(inside):
+        xs = [x.clone().requires_grad_() for x in leaves]
+        with autocast(device, low):
+            o, od = ops.jvp_attention(*xs)
+            if inside:
+                return torch.autograd.grad([o, od], xs, [gouts[0].to(o.dtype), gouts[1].to(od.dtype)])
+        return torch.autograd.grad([o, od], xs, [gouts[0].to(o.dtype), gouts[1].to(od.dtype)])
+
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def _grads(fn, leaves, gout):
@@ -62,35 +94,36 @@ def _grads(fn, leaves, gout):
 
 @settings(deadline=None, max_examples=25)
 @given(kind=st.sampled_from(["linear", "layer", "group", "rms"]), half=st.sampled_from([1, 2, 5]),
-       d=st.integers(3, 17), seed=st.integers(0, 1000), noncontig=st.booleans())
-def test_fused_matches_twin_under_autocast(kind, half, d, seed, noncontig):
+       d=st.integers(3, 17), seed=st.integers(0, 1000), noncontig=st.booleans(), case=st.sampled_from(CASES))
+def test_fused_matches_twin_under_autocast(kind, half, d, seed, noncontig, case):
+    device, low = case  # the autocast dtype of this case
     g = torch.Generator().manual_seed(seed)
-    xx = torch.randn(2 * half, 4, d, generator=g)
+    xx = _randn(2 * half, 4, d, g=g, device=device)
     if noncontig:
         xx = torch.stack([xx, xx], -1)[..., 0]
     if kind == "linear":
-        args = [xx, torch.randn(7, d, generator=g), torch.randn(7, generator=g)]
+        args = [xx, _randn(7, d, g=g, device=device), _randn(7, g=g, device=device)]
         fused, twin = ops.dual_linear, ops.dual_linear.twin
     else:
         # norms see the bf16 output of an autocast GEMM and fp32 master weights
-        args = [xx.to(BF16), torch.randn(4 if kind == "group" else d, generator=g)]
+        args = [xx.to(low), _randn(4 if kind == "group" else d, g=g, device=device)]
         if kind != "rms":
-            args.append(torch.randn(args[1].shape, generator=g))
+            args.append(_randn(*args[1].shape, g=g, device=device))
         fn = {"layer": lambda x, *p: (x, (d,), *p), "group": lambda x, *p: (x, 2, *p), "rms": lambda x, *p: (x, *p)}[kind]
         name = {"layer": "dual_layer_norm", "group": "dual_group_norm", "rms": "dual_rms_norm"}[kind]
         op = getattr(ops, name)
         fused, twin = (lambda *a: op(*fn(*a))), (lambda *a: op.twin(*fn(*a)))
     leaves = [a.detach().requires_grad_() for a in args]
-    with autocast():
-        gout = torch.randn(fused(*leaves).shape, generator=g)
-        got, low = _grads(fused, leaves, gout), _grads(twin, leaves, gout)
+    with autocast(device, low):
+        gout = _randn(*fused(*leaves).shape, g=g, device=device)
+        got, ref = _grads(fused, leaves, gout), _grads(twin, leaves, gout)
     # the truth: the same function in float64 on the inputs the op computes from (autocast's casts)
-    cast = [a.to(BF16).double() for a in args] if kind == "linear" else [args[0].double()] + [
-        a.to(BF16).double() for a in args[1:]]
+    cast = [a.to(low).double() for a in args] if kind == "linear" else [args[0].double()] + [
+        a.to(low).double() for a in args[1:]]
     exact = _grads(twin, [c.requires_grad_() for c in cast], gout.double())
-    for a, b, e in zip(got, low, exact):
+    for a, b, e in zip(got, ref, exact):
         assert a.dtype == b.dtype
-        assert_within_reference_error(a.to(BF16) if a.dtype == torch.float32 else a, b, e)
+        assert_within_reference_error(a.to(low) if a.dtype == torch.float32 else a, b, e)
 
 
 def test_finite_differences_stay_fp32_under_autocast():

@@ -5,13 +5,15 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from pyflowmap.distributed import Shard
-from tests.ddp_jobs import JOBS_2D, JOBS_FSDP, JOBS_HANDOFF, JOBS_IMAGE, JOBS_RESUME, TINY_IMAGE, free_port, job_name, run_jobs, worker
+from tests.ddp_jobs import (JOBS_2D, JOBS_FSDP, JOBS_HANDOFF, JOBS_IMAGE, JOBS_PRECISION, JOBS_RESUME, TINY_IMAGE, free_port,
+                           job_name, run_jobs, worker)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # float32 all-reduce sums the ranks' gradients in another order than one process's backward:
@@ -111,6 +113,34 @@ def test_resume_and_one_rank_nan_under_ddp_and_fsdp2(image_setup, tmp_path):
         if "_poison_rank" in j[3]:
             assert multi[name]["skipped"] == single[job_name(*sj)]["skipped"] == 1, name
         _assert_same({name: multi[name]}, {name: single[job_name(*sj)]})
+
+
+def test_mixed_precision_and_compiled_steps_two_processes_equal_one(image_setup, tmp_path):
+    """bf16 / fp16 autocast and compiled steps under DDP, and FSDP2 with its mixed-precision
+    policy and its blockwise compilation: 2 processes train as one. fp16 overflows on the
+    same steps (the loss scale is divided by W) and keeps the same scale. A 16-bit GEMM's
+    rounding depends on the rows it is given and FSDP2 computes with bf16 weights where
+    autocast casts per op, so 16-bit jobs are compared on their losses and gradient norms at
+    16-bit accuracy; fp32 compiled jobs as the other jobs are."""
+    root, data, teacher = image_setup
+    jobs = [(kind, obj, mode, extra) for kind, obj, mode, extra in JOBS_PRECISION]
+    multi = _spawn(2, jobs, data_path=str(root / "data.pt"), teacher=teacher, out=tmp_path / "multi.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # 16-bit on this CPU: the speed warnings
+        single = _single(jobs, data=data.float(), teacher=teacher)
+    for job in jobs:
+        name, extra = job_name(*job), job[3]
+        m, s = multi[name], single[name]
+        assert m["precision"] == s["precision"], name  # fp16: the same overflows, the same scale
+        if extra.get("compile") and not extra.get("fsdp"):
+            assert m["compiled"] and s["compiled"], name  # one graph each, no fallback
+        if extra.get("precision", "fp32") == "fp32":
+            _assert_same({name: m}, {name: s})
+            continue
+        assert m["losses"] == pytest.approx(s["losses"], rel=1e-3), name
+        assert m["grad_norms"] == pytest.approx(s["grad_norms"], rel=2e-2), name
+        moved = max((s["model"][k] - v).abs().max().item() for k, v in s["init"].items())
+        assert moved > 1e-3, f"{name}: training did not change the model"
 
 
 def test_fsdp2_checkpoint_resumes_in_one_process_without_fsdp(image_setup, tmp_path):

@@ -30,13 +30,15 @@ class LossOutput:
     ``n_diag`` samples, distillation for the rest; ECT: ``n_diag`` counts its r = 0 samples,
     whose target is the data). ``metrics``: detached scalars for logging: ``loss`` and one
     mean per part named in the objective's ``parts``, plus any the objective adds. ``parts``:
-    each part's term of ``loss``, with its graph (a trainer logs their gradient norms)."""
+    each part's term of ``loss``, with its graph (a trainer logs their gradient norms).
+    ``diagnostics``: detached values (or numbers) for :meth:`ObjectiveBase.report`, not logged."""
 
     loss: torch.Tensor
     per_sample: torch.Tensor
     n_diag: int
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -70,6 +72,29 @@ class Conditions:
 NO_CONDITION = Conditions()
 
 
+@dataclass
+class Draws:
+    """One step's randomness, this rank's rows: what :meth:`ObjectiveBase.draw` makes eagerly
+    from the step's ``torch.Generator`` (which torch.compile cannot trace) and
+    :meth:`ObjectiveBase.loss_from_draws` consumes (which it traces as one graph).
+
+    ``noise``: x0 (flow maps) or eps (ECT, sCM); ``t``: the times (flow maps: the end times,
+    ECT: sigma, sCM: tau); ``s``: flow maps' start times; ``n_diag``: this rank's diagonal rows
+    (flow maps) or r = 0 rows (ECT); ``extra``: an objective's own per-row values (PSD's split,
+    ECT's r, sCM's warm-up factor); ``cond``: the rows' :class:`Conditions`; ``counts``: each
+    part's global count; ``shard``: this rank's :class:`~pyflowmap.distributed.Shard` or None.
+    Python values are constant from step to step (a compiled loss specializes on them)."""
+
+    noise: torch.Tensor
+    t: torch.Tensor
+    s: torch.Tensor | None = None
+    n_diag: int = 0
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    cond: Conditions = field(default_factory=Conditions)
+    counts: dict[str, int] = field(default_factory=dict)
+    shard: Shard | None = None
+
+
 def guided_call(fn, cond: Conditions, x, *times):
     """``fn(x, *times, c=...)`` with the rows' guidance: conditional when ``cond.scale`` is
     None, else null + scale (conditional - null) from one call on the doubled batch (a frozen
@@ -95,13 +120,36 @@ def set_rng_state(device: torch.device, state) -> None:
         torch.set_rng_state(state)
 
 
-def primal_and_stopgrad_tangent(mode, device: torch.device, jvp, primal):
+def draws_dropout(module: nn.Module) -> bool:
+    """Whether a forward of ``module`` in its current mode draws dropout masks: a training
+    ``nn.Dropout`` with p > 0, or a training block with a positive ``dropout`` rate (pyflowmap's
+    UNet and DiT blocks)."""
+    for m in module.modules():
+        if not m.training:
+            continue
+        rate = m.p if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "dropout", None)
+        if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+            return True
+    return False
+
+
+def primal_and_stopgrad_tangent(mode, device: torch.device, jvp, primal, module: nn.Module | None = None):
     """(output with its graph, tangent) for an objective that uses the tangent under
     stop-gradient only. ``jvp()`` returns (output, tangent) through the derivative ``mode``;
     ``primal()`` the output alone. In dual mode the dual pass runs without a graph and the
     output is recomputed with one (its backward then covers B rows, not the stacked 2B), under
-    the same RNG state so that dropout masks agree; other modes call ``jvp()`` once."""
+    the same RNG state so that dropout masks agree; other modes call ``jvp()`` once.
+
+    Under torch.compile the RNG state cannot be saved and restored inside a graph, so the
+    recomputation is used only when ``module`` (the network) draws no dropout; otherwise the
+    dual pass keeps its graph (one mask for both, a backward over 2B rows)."""
     if isinstance(mode, Dual) and torch.is_grad_enabled():
+        if torch.compiler.is_compiling():
+            if module is None or draws_dropout(module):
+                return jvp()
+            with torch.no_grad():
+                _, tangent = jvp()
+            return primal(), tangent
         rng = rng_state(device)
         with torch.no_grad():
             _, tangent = jvp()
@@ -128,6 +176,11 @@ class ObjectiveBase(nn.Module):
     of named parts (``parts``), each averaged over its global count and, sharded, scaled by W
     so that DDP's gradient average equals one process's gradient on the global batch
     (:mod:`pyflowmap.distributed`). ``metrics`` holds ``loss`` and one mean per part.
+
+    A call is three stages, which a compiled trainer runs apart (docs/precision.md):
+    :meth:`draw` (checks and every random draw, eager), :meth:`loss_from_draws` (the network
+    calls, tangents, teachers and the loss: no host synchronization, so torch.compile traces
+    it as one graph) and :meth:`report` (host-side checks of the result, eager).
     """
 
     name = "objective"
@@ -138,7 +191,22 @@ class ObjectiveBase(nn.Module):
 
     def forward(self, model, x1: torch.Tensor, generator: torch.Generator | None = None, step: int = 0,
                 shard: Shard | None = None, global_batch: int | None = None, c=None) -> LossOutput:
+        out = self.loss_from_draws(model, x1, self.draw(model, x1, generator, step, shard, global_batch, c))
+        self.report(out)
+        return out
+
+    def draw(self, model, x1: torch.Tensor, generator: torch.Generator | None = None, step: int = 0,
+             shard: Shard | None = None, global_batch: int | None = None, c=None) -> Draws:
+        """The checks of the inputs and this step's :class:`Draws` (same arguments as a call)."""
         raise NotImplementedError
+
+    def loss_from_draws(self, model, x1: torch.Tensor, draws: Draws) -> LossOutput:
+        """The loss on this rank's rows ``x1`` given the step's ``draws``."""
+        raise NotImplementedError
+
+    def report(self, out: LossOutput) -> None:
+        """Host-side checks of a step's result (sCM's tangent-explosion report); may add
+        metrics to ``out``."""
 
     def set_conditioning(self, p_uncond: float = 0.0, guidance: float | None = None,
                          guidance_range: tuple[float, float] | None = None) -> None:
@@ -300,11 +368,11 @@ class Objective(ObjectiveBase):
         Computed from detached values (MeanFlow's adaptive weight overrides this)."""
         return None
 
-    def forward(self, flowmap: FlowMap, x1: torch.Tensor, generator: torch.Generator | None = None, step: int = 0,
-                shard: Shard | None = None, global_batch: int | None = None, c=None) -> LossOutput:
-        """The loss on a data batch ``x1`` ``[B, ...]`` with conditions ``c`` (labels ``[B]``
-        or a tensor ``[B, ...]``, or None); randomness from ``generator`` (``step`` is not
-        used: these objectives have no schedule).
+    def draw(self, flowmap: FlowMap, x1: torch.Tensor, generator: torch.Generator | None = None, step: int = 0,
+             shard: Shard | None = None, global_batch: int | None = None, c=None) -> Draws:
+        """x0, (s, t) and the off-diagonal draws for a data batch ``x1`` ``[B, ...]`` with
+        conditions ``c`` (labels ``[B]`` or a tensor ``[B, ...]``, or None); randomness from
+        ``generator`` (``step`` is not used: these objectives have no schedule).
 
         Data-parallel use (:mod:`pyflowmap.distributed`): ``x1`` holds this rank's rows
         ``shard.indices(global_batch)`` of a global batch; the noise, times and draws are made
@@ -333,9 +401,13 @@ class Objective(ObjectiveBase):
             off = idx[shard.count(n_diag):] - n_diag
             draws = {k: v[off] for k, v in draws.items()}
             n_diag = shard.count(n_diag)
-        n = x1.shape[0]
         cond = self.draw_conditions(flowmap, c, B, generator, idx, dev, dt)
+        return Draws(noise=x0, t=t, s=s, n_diag=n_diag, extra=draws, cond=cond, counts=counts, shard=shard)
 
+    def loss_from_draws(self, flowmap: FlowMap, x1: torch.Tensor, draws: Draws) -> LossOutput:
+        x0, s, t, n_diag, cond, shard = draws.noise, draws.s, draws.t, draws.n_diag, draws.cond, draws.shard
+        counts = draws.counts
+        n = x1.shape[0]
         parts = []  # (name, pred, target, s, t)
         if n_diag > 0:
             x0d, x1d, td = x0[:n_diag], x1[:n_diag], t[:n_diag]
@@ -345,7 +417,7 @@ class Objective(ObjectiveBase):
                           td, td))
         if n_diag < n:
             so, to = s[n_diag:], t[n_diag:]
-            pred, target = self.offdiag_terms(flowmap, x0[n_diag:], x1[n_diag:], so, to, draws,
+            pred, target = self.offdiag_terms(flowmap, x0[n_diag:], x1[n_diag:], so, to, draws.extra,
                                               cond.rows(slice(n_diag, None)))
             parts.append(("distill", pred, target, so, to))
 

@@ -12,7 +12,7 @@ from pyflowmap._tensors import expand_time
 from pyflowmap.consistency import ECTSchedule, EDMConsistency
 from pyflowmap.distributed import Shard
 from pyflowmap.losses import residual_loss
-from pyflowmap.objectives.base import LossOutput, ObjectiveBase, freeze, rng_state, set_rng_state
+from pyflowmap.objectives.base import Draws, LossOutput, ObjectiveBase, freeze, rng_state, set_rng_state
 from pyflowmap.validation import check_batch
 
 
@@ -82,6 +82,12 @@ class ECT(ObjectiveBase):
         if iteration is not None:
             warnings.warn("ECT(..., iteration=) is deprecated: pass step=", DeprecationWarning, stacklevel=2)
             step = iteration
+        return super().forward(model, y, generator, step, shard, global_batch, c)
+
+    def draw(self, model: EDMConsistency, y: torch.Tensor, generator: torch.Generator | None = None,
+             step: int = 0, shard: Shard | None = None, global_batch: int | None = None, c=None) -> Draws:
+        """sigma (``t``), eps (``noise``) and, tuning, r at this ``step`` (``extra["r"]``); the
+        r = 0 rows are counted here (``n_diag``) so the loss needs no host synchronization."""
         check_batch("ECT: y", y, role="the data batch")
         if int(step) < 0:
             raise ValueError(f"ECT: step (the schedule's iteration) must be >= 0, got {step}")
@@ -94,7 +100,16 @@ class ECT(ObjectiveBase):
             idx = shard.indices(B, device=dev)
             t, eps = t[idx], eps[idx]
         cond = self.draw_conditions(model, c, B, generator, idx, dev, dt)
-        scale = self.share(shard, y.shape[0], B)
+        extra, n_zero = {}, 0
+        if not self.pretrain:
+            extra["r"] = self.schedule.r(t, step)
+            n_zero = int((extra["r"] == 0).sum())
+        return Draws(noise=eps, t=t, n_diag=n_zero, extra=extra, cond=cond, counts={self.parts[0]: B}, shard=shard)
+
+    def loss_from_draws(self, model: EDMConsistency, y: torch.Tensor, draws: Draws) -> LossOutput:
+        t, eps, cond, shard = draws.t, draws.noise, draws.cond, draws.shard
+        dev = y.device
+        scale = self.share(shard, y.shape[0], draws.counts[self.parts[0]])
         x_t = y + expand_time(t, y) * eps
         if self.pretrain:
             sd = model.path.sigma_data
@@ -103,29 +118,27 @@ class ECT(ObjectiveBase):
             loss = loss * scale
             return LossOutput(loss=loss, per_sample=per, n_diag=0,
                               metrics={"loss": loss.detach(), "denoise": per.detach().mean() * scale})
-        r = self.schedule.r(t, step)
+        r = draws.extra["r"]
         rng = rng_state(dev)
         pred = model(x_t, t, **cond.kw)
         with torch.no_grad():
             zero = r == 0
-            d = self.guided_data(self.denoiser, y, x_t, t, cond)
-            target = d.clone()
+            target = self.guided_data(self.denoiser, y, x_t, t, cond)
             # sharded, every rank runs the same network calls (FSDP2 gathers per call)
-            if shard is not None or not bool(zero.all()):
+            if shard is not None or draws.n_diag < y.shape[0]:
                 set_rng_state(dev, rng)  # same dropout mask as the t pass
-                live = ~zero
                 # every sample goes through the network so the mask lines up with the t pass;
                 # r = 0 samples take the data as target
                 r_safe = torch.where(zero, t, r)
                 # along the (guided) ODE from x_t; with D = y this is y + r eps
-                x_r = y + expand_time(r_safe, y) * eps if d is y else \
-                    x_t - expand_time((t - r_safe) / t, y) * (x_t - d)
+                x_r = y + expand_time(r_safe, y) * eps if target is y else \
+                    x_t - expand_time((t - r_safe) / t, y) * (x_t - target)
                 f_r = model(x_r, r_safe, **cond.kw)
-                target[live] = f_r[live]
+                target = torch.where(zero.reshape((-1,) + (1,) * (y.dim() - 1)), target, f_r)
         weight = 1.0 / (t - r)
         loss, per = residual_loss(pred, target, weight=weight, metric="pseudo_huber", c=self.huber_c(y))
         loss = loss * scale
-        return LossOutput(loss=loss, per_sample=per, n_diag=int(zero.sum()),
+        return LossOutput(loss=loss, per_sample=per, n_diag=draws.n_diag,
                           metrics={"loss": loss.detach(), "consistency": per.detach().mean() * scale,
                                    "r_zero_fraction": zero.float().mean() * scale})
 

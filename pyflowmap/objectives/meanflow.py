@@ -43,7 +43,7 @@ class MeanFlow(Objective):
         v, dv = primal_and_stopgrad_tangent(
             mode, xs.device,
             lambda: mode.jvp(flowmap, xs, s, t, x_dot=d_i, s_dot=torch.ones_like(s), output="velocity", **cond.kw),
-            lambda: flowmap.velocity_field(xs, s, t, **cond.kw))
+            lambda: flowmap.velocity_field(xs, s, t, **cond.kw), module=flowmap)
         if not isinstance(dv, torch.Tensor):  # a deferred finite difference
             dv = dv.materialize()
         target = (d_i + expand_time(t - s, xs) * dv).detach()

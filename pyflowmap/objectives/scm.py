@@ -13,7 +13,7 @@ from pyflowmap.derivatives import DerivativeMode, resolve_mode
 from pyflowmap.distributed import Shard
 from pyflowmap.flowmap import as_velocity
 from pyflowmap.losses import residual_loss
-from pyflowmap.objectives.base import LossOutput, ObjectiveBase, freeze, guided_call, primal_and_stopgrad_tangent
+from pyflowmap.objectives.base import Draws, LossOutput, ObjectiveBase, freeze, guided_call, primal_and_stopgrad_tangent
 from pyflowmap.objectives.weighting import LearnedWeighting
 from pyflowmap.trigflow import HALF_PI, TrigFlowConsistency, proposal_tau
 from pyflowmap.validation import check_batch
@@ -81,8 +81,10 @@ class SCM(ObjectiveBase):
     def warmup(self, step: int) -> float:
         return 1.0 if self.warmup_steps == 0 else min(1.0, int(step) / self.warmup_steps)
 
-    def forward(self, model: TrigFlowConsistency, y: torch.Tensor, generator: torch.Generator | None = None,
-                step: int = 0, shard: Shard | None = None, global_batch: int | None = None, c=None) -> LossOutput:
+    def draw(self, model: TrigFlowConsistency, y: torch.Tensor, generator: torch.Generator | None = None,
+             step: int = 0, shard: Shard | None = None, global_batch: int | None = None, c=None) -> Draws:
+        """tau (``t``), eps (``noise``) and the tangent warm-up factor at this ``step``
+        (``extra["warmup"]``, a 0-d tensor so that a compiled loss does not specialize on it)."""
         if not isinstance(model, TrigFlowConsistency):
             raise TypeError(f"{self.name}: the model must be a pyflowmap.TrigFlowConsistency, got {type(model).__name__}")
         check_batch(f"{self.name}: y", y, role="the data batch")
@@ -97,6 +99,12 @@ class SCM(ObjectiveBase):
             idx = shard.indices(B, device=dev)
             tau, eps = tau[idx], eps[idx]
         cond = self.draw_conditions(model.net, c, B, generator, idx, dev, dt)
+        warmup = torch.tensor(self.warmup(step), device=dev, dtype=dt)
+        return Draws(noise=eps, t=tau, extra={"warmup": warmup}, cond=cond, counts={"consistency": B}, shard=shard)
+
+    def loss_from_draws(self, model: TrigFlowConsistency, y: torch.Tensor, draws: Draws) -> LossOutput:
+        tau, eps, cond, shard = draws.t, draws.noise, draws.cond, draws.shard
+        path, dev, dt = model.path, y.device, y.dtype
         x = path.interpolate(y, eps, tau)
         with torch.no_grad():
             if self._teacher_velocity is None:
@@ -105,7 +113,7 @@ class SCM(ObjectiveBase):
                 i, t = path.to_linear(x, tau)
                 u = guided_call(self._teacher_velocity, cond, i, t.to(dt))
                 dx = path.velocity_from_linear(i, u, t)
-        v, g = self.tangent(model, x, tau, dx, step, **cond.kw)
+        v, g = self.tangent(model, x, tau, dx, warmup=draws.extra["warmup"], **cond.kw)
         sd = path.sigma_d
         with torch.no_grad():
             norm = g.reshape(g.shape[0], -1).norm(dim=1)
@@ -121,35 +129,41 @@ class SCM(ObjectiveBase):
         part, per = residual_loss(pred, target, weight=weight)
         if w is not None:
             part = part + w.mean()
-        share = self.share(shard, y.shape[0], B)
+        share = self.share(shard, y.shape[0], draws.counts["consistency"])
         loss = part * share
         metrics = {"loss": loss.detach(), "consistency": per.detach().mean() / dim * share,
                    "tangent_norm": norm.mean() * share, "tangent_norm_max": norm.max(),
-                   "tangent_warmup": torch.tensor(self.warmup(step))}
+                   "tangent_warmup": draws.extra["warmup"].detach().float()}
         floor = 0.01 * path.sigma_d * math.sqrt(dim)  # a level far below the data scale is roundoff, not a level
-        metrics["tangent_explosion"] = torch.tensor(float(self._check_explosion(norm, floor)))
-        return LossOutput(loss=loss, per_sample=per / dim, n_diag=0, metrics=metrics)
+        return LossOutput(loss=loss, per_sample=per / dim, n_diag=0, metrics=metrics,
+                          diagnostics={"tangent_level": norm.mean(), "tangent_floor": floor})
 
-    def tangent(self, model: TrigFlowConsistency, x, tau, dx, step: int = 0, c=None, w=None):
+    def report(self, out: LossOutput) -> None:
+        """The tangent-explosion check (``metrics["tangent_explosion"]``) of this rank's mean
+        tangent norm against the level of the earlier batches."""
+        d = out.diagnostics
+        exploded = self._check_explosion(float(d["tangent_level"]), float(d["tangent_floor"]))
+        out.metrics["tangent_explosion"] = torch.tensor(float(exploded))
+    def tangent(self, model: TrigFlowConsistency, x, tau, dx, step: int = 0, c=None, w=None, warmup=None):
         """(sigma_d F_theta(x, tau) with its graph, g before normalization): g = cos(tau) df-/dtau
         along dx/dtau = ``dx`` with the warm-up r on its second term (class docstring). g is
         affine in ``dx``, so its mean over the data and noise behind one x is g at the
-        probability-flow velocity: zero for the exact consistency function."""
+        probability-flow velocity: zero for the exact consistency function. ``warmup``: the
+        warm-up factor r itself (a 0-d tensor) instead of ``step``'s."""
         mode = self.mode(model)
         v, v_dot = primal_and_stopgrad_tangent(mode, x.device,
                                                lambda: model.velocity_and_tangent(mode, x, tau, dx, c=c, w=w),
-                                               lambda: model.velocity(x, tau, c=c, w=w))
-        r = self.warmup(step)
+                                               lambda: model.velocity(x, tau, c=c, w=w), module=model)
+        r = self.warmup(step) if warmup is None else warmup
         with torch.no_grad():
             cs, sn = expand_time(torch.cos(tau), x), expand_time(torch.sin(tau), x)
             g = -cs * cs * (v.detach() - dx) - r * cs * sn * (x + v_dot.detach())
         return v, g.to(x.dtype)
 
-    def _check_explosion(self, norm: torch.Tensor, floor: float) -> bool:
-        """Compare the batch's mean tangent norm with its running level (an EMA of the
-        earlier batches', at least ``floor``); warn on a jump of ``explode_factor`` or on a
+    def _check_explosion(self, level: float, floor: float) -> bool:
+        """Compare the batch's mean tangent norm ``level`` with its running level (an EMA of
+        the earlier batches', at least ``floor``); warn on a jump of ``explode_factor`` or on a
         non-finite norm."""
-        level = float(norm.mean())
         if not math.isfinite(level):
             warnings.warn(f"{self.name}: the tangent norm is not finite; the step will be skipped by the "
                           "non-finite guard, and the run is diverging", TangentExplosionWarning, stacklevel=3)

@@ -12,6 +12,11 @@ The policies follow PyTorch's own for the matching native ops:
 * ``"fp32"`` (losses): 16-bit inputs are cast to float32, so the residual and its reduction
   are formed in fp32.
 * ``"promote"`` (the sampler's x + (t - s) v): every input in the widest dtype among them.
+* ``"keep"`` (the backward ops): inputs as they come, but the kernel runs with autocast off.
+  A backward called inside an autocast region (opcheck does; so does a user's
+  ``loss.backward()`` under ``with autocast``) would otherwise autocast the ATen GEMMs inside a
+  kernel written with them (the chunked attention backward) from fp32 to 16 bits: ~3x the
+  rounding error of the same backward outside the region.
 
 float64 is never cast (autocast leaves it alone too). Without a registration an op falls
 through autocast, which is right for dtype-preserving elementwise ops (dual_act).
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-POLICIES = ("lower", "follow", "fp32", "promote")
+POLICIES = ("lower", "follow", "fp32", "promote", "keep")
 _LOW = (torch.float16, torch.bfloat16)
 _DEVICES = ("cpu", "cuda")
 
@@ -36,6 +41,8 @@ def _target(policy: str, args, device_type: str):
         return torch.get_autocast_dtype(device_type)
     if policy == "fp32":
         return torch.float32
+    if policy == "keep":
+        return None
     floats = _floats(args)
     if not floats:
         return None
@@ -95,6 +102,11 @@ OP_POLICIES = {
     "pyflowmap::flowmap_loss": "fp32",
     "pyflowmap::flowmap_fd_loss": "fp32",
     "pyflowmap::flowmap_step": "promote",
+    "pyflowmap::dual_attention_backward": "keep",
+    "pyflowmap::dual_norm_backward": "keep",
+    "pyflowmap::dual_act_backward": "keep",
+    "pyflowmap::flowmap_loss_backward": "keep",
+    "pyflowmap::flowmap_fd_loss_backward": "keep",
 }
 
 _LIB = torch.library.Library("pyflowmap", "IMPL")

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from pyflowmap.training.precision import PRECISIONS
 from pyflowmap.validation import MAX_BATCH
 
 DERIVATIVES = ("auto", "jvp", "fd", "dual")
@@ -42,6 +43,10 @@ class LoopConfig:
     p_uncond: float = 0.1
     guidance: float = 1.0
     guidance_max: float = 0.0
+    # the step's arithmetic (docs/precision.md): fp32, or bf16 / fp16 autocast with fp32 master
+    # weights and EMA (fp16 with a dynamic loss scale); compile: one torch.compile graph
+    precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -61,6 +66,7 @@ class LoopConfig:
             need(False, f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         self.validate_fields()
         need(self.derivative in DERIVATIVES, f"derivative must be auto|jvp|fd|dual, got {self.derivative!r}")
+        need(self.precision in PRECISIONS, f"precision must be {'|'.join(PRECISIONS)}, got {self.precision!r}")
         need(0 <= self.diag_fraction <= 1, f"diag_fraction must be in [0, 1], got {self.diag_fraction}")
         for name in ("steps", "batch", "ckpt_every", "log_every", "max_bad_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")

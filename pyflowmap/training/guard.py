@@ -30,7 +30,7 @@ class NonFiniteGuard:
         self.skipped += 1
         if report:
             warnings.warn(f"step {step}: non-finite {what}, step skipped ({self.skipped} skipped so far, "
-                          f"{self.bad_steps} in a row; training stops at {self.max_bad_steps})", stacklevel=3)
+                          f"{self.bad_steps} in a row; training stops at {self.max_bad_steps})", stacklevel=4)
         if self.bad_steps >= self.max_bad_steps:
             kept = (f"the last good checkpoint {checkpoint} is left untouched" if checkpoint is not None
                     else "no checkpoint was written")

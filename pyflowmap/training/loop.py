@@ -17,8 +17,10 @@ import torch
 
 from pyflowmap import distributed as dist_
 from pyflowmap.training.checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_weights
+from pyflowmap.training.compiled import CompiledLoss
 from pyflowmap.training.guard import NonFiniteGuard
 from pyflowmap.training.parallel import Parallel
+from pyflowmap.training.precision import Precision
 from pyflowmap.training.rundir import RunLock, check_free_space
 
 CHECKPOINT = "checkpoint.pt"
@@ -54,6 +56,13 @@ class TrainerBase:
     A step whose loss or gradient norm is not finite is skipped (no parameter, EMA or optimizer
     update) and counted; after ``max_bad_steps`` consecutive ones training stops with
     :class:`NonFiniteTraining`, and no checkpoint is ever written from a non-finite state.
+    Under fp16 an overflowing gradient is the loss scale's business first: the step is
+    skipped and the scale halved, and only an overflow at a scale below 1 counts as bad.
+
+    ``cfg.precision`` (:class:`~pyflowmap.training.precision.Precision`) runs the loss under
+    autocast with fp32 master weights; ``cfg.compile`` runs the objective's
+    ``loss_from_draws`` as one compiled graph (:class:`~pyflowmap.training.compiled.CompiledLoss`),
+    its draws made eagerly from ``self.generator`` by ``objective.draw``.
 
     Under torchrun every rank runs this same loop on its rows of each global batch
     (:mod:`pyflowmap.distributed`); the skip decision, the checkpoint's state and the logged
@@ -79,6 +88,8 @@ class TrainerBase:
             raise ValueError(f"{type(cfg).__name__}.device is {cfg.device} but "
                              + (f"this machine has {gpus} CUDA device(s)" if gpus else
                                 "no CUDA device is available; pass --device cpu"))
+        self.progress = progress and dist_.is_main()
+        self.precision = Precision(cfg.precision, self.device, warn=dist_.is_main())
         self.prepare()
         torch.manual_seed(cfg.seed)  # parameter initialization
         self.model = self.build_model().to(self.device)
@@ -86,8 +97,14 @@ class TrainerBase:
         self.objective = self.build_objective().to(self.device)
         # late-bound: subclasses and tests may replace loss_output on the instance
         self.parallel = Parallel(self.model, self.ema, self.objective, lambda: self.loss_output(), cfg.batch,
-                                 cfg.seed, self.device, fsdp=getattr(cfg, "fsdp", False))
+                                 cfg.seed, self.device, fsdp=getattr(cfg, "fsdp", False),
+                                 mp_policy=self.precision.fsdp_policy(), compile_blocks=cfg.compile)
+        self.compiled_loss = None  # eager: the objective's own call
+        if cfg.compile and not self.parallel.compiles_blocks:  # FSDP2 compiles its blocks instead
+            self.compiled_loss = CompiledLoss(self.objective, f"the {cfg.objective} ({cfg.derivative}) step",
+                                        announce=self._announce)
         self.shard = self.parallel.shard
+        self.precision.world = self.parallel.world
         self.params = [p for p in list(self.model.parameters()) + list(self.objective.parameters())
                        if p.requires_grad]
         self.optimizer = self.build_optimizer(self.params)
@@ -97,11 +114,16 @@ class TrainerBase:
         if self._lock is not None:
             check_free_space(self.out_dir, self._checkpoint_bytes())
         self.saved: Path | None = None  # the checkpoint the last save() wrote (None: refused or never)
-        self.progress = progress and dist_.is_main()
         self.step = 0
         self.guard = NonFiniteGuard(cfg.max_bad_steps)
         self.train_seconds = 0.0
         self.history: list[dict] = []
+
+    def _announce(self, msg: str) -> None:
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"[pyflowmap] {msg}")
 
     def close(self) -> None:
         """Release the run directory (also on garbage collection and at process exit)."""
@@ -152,12 +174,20 @@ class TrainerBase:
         pass
 
     def loss_output(self):
-        """One batch's :class:`~pyflowmap.objectives.LossOutput` on this rank's rows."""
+        """One batch's :class:`~pyflowmap.objectives.LossOutput` on this rank's rows, under the
+        run's precision. Compiled: the objective's draws eager, its loss from them compiled,
+        its report eager (the three stages of one call, :class:`~pyflowmap.objectives.ObjectiveBase`)."""
         batch = self.next_batch()
         x1, c = batch if isinstance(batch, tuple) else (batch, None)
-        cond = {} if c is None else {"c": c}
-        return self.objective(self.model, x1, generator=self.generator, step=self.step, **cond,
-                              **self.shard_args())
+        kw = {"generator": self.generator, "step": self.step, **({} if c is None else {"c": c}), **self.shard_args()}
+        if self.compiled_loss is None:
+            with self.precision.autocast():
+                return self.objective(self.model, x1, **kw)
+        draws = self.objective.draw(self.model, x1, **kw)
+        with self.precision.autocast():
+            out = self.compiled_loss(self.model, x1, draws)
+        self.objective.report(out)
+        return out
 
     @property
     def skipped(self) -> int:
@@ -175,27 +205,40 @@ class TrainerBase:
     # -- one step -----------------------------------------------------------------------------
     def train_step(self) -> dict | None:
         """One optimizer step; returns the step's scalars, or None if it was skipped."""
+        with contextlib.nullcontext() if self.compiled_loss is None else self.compiled_loss.step_context():
+            return self._train_step()
+
+    def _train_step(self) -> dict | None:
         loss, metrics, parts = self.parallel.loss()
         self.optimizer.zero_grad(set_to_none=True)
         # decided together: a rank that skipped backward alone would hang the others in DDP
         loss_ok = dist_.all_true(bool(torch.isfinite(loss)), self.device)
         finite = loss_ok
         gnorm = torch.tensor(float("nan"))
+        scaler = self.precision.scaler
         if finite:
             if len(parts) > 1 and (self.step + 1) % self.cfg.log_every == 0:
                 metrics = {**metrics, **self.part_grad_norms(parts)}
-            loss.backward()
+            self.precision.scaled(loss).backward()
+            self.precision.unscale_(self.params)
             # gradients are already averaged over ranks, so every rank clips alike
             gnorm = dist_.full(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
             finite = bool(torch.isfinite(gnorm))
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             self.parallel.reshard()  # backward, which frees FSDP2's gathered weights, did not run
-            what = "gradient norm" if loss_ok else "loss" if self.shard is None else "loss (on some rank)"
-            self.guard.skip(self.step, what, report=dist_.is_main(), checkpoint=self.last_checkpoint())
+            if loss_ok and scaler is not None:
+                scaler.update(overflow=True)
+            # an fp16 overflow at a usable loss scale is the scaler's to handle, not a bad step
+            if not (loss_ok and scaler is not None and scaler.scale >= 1.0):
+                what = "gradient norm" if loss_ok else "loss" if self.shard is None else "loss (on some rank)"
+                self.guard.skip(self.step, what, report=dist_.is_main(), checkpoint=self.last_checkpoint())
             self.step += 1
             self.scheduler.step()
             return None
+        if scaler is not None:
+            scaler.update(overflow=False)
+            metrics = {**metrics, "loss_scale": torch.tensor(scaler.scale)}
         self.guard.passed()
         self.optimizer.step()
         self.scheduler.step()
@@ -208,13 +251,14 @@ class TrainerBase:
         a one-process run: which part drives the update, and which one spikes before a
         divergence. One extra backward per part through the retained graph; no state changes."""
         params = [p for p in self.params if p.requires_grad]
+        scale = self.precision.loss_factor()
         out = {}
         for name, term in parts.items():
             if not term.requires_grad:
                 continue
-            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-            sq = [g.detach().pow(2).sum() for g in grads if g is not None]
-            out[f"grad_norm_{name}"] = torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
+            grads = torch.autograd.grad(self.precision.scaled(term), params, retain_graph=True, allow_unused=True)
+            sq = [g.detach().float().pow(2).sum() for g in grads if g is not None]
+            out[f"grad_norm_{name}"] = torch.stack(sq).sum().sqrt() / scale if sq else torch.zeros(())
         return out
 
     # -- the loop -----------------------------------------------------------------------------
@@ -274,6 +318,7 @@ class TrainerBase:
             # every rank's dropout stream (a collective: all ranks call state_dict together)
             "rank_rng": self.parallel.rng_states(),
             "history": self.history,
+            **self.precision.state_dict(),
             **self.extra_state(),
         }
 
@@ -292,6 +337,7 @@ class TrainerBase:
         self.guard.skipped = state["skipped"]
         self.train_seconds = state["train_seconds"]
         self.history = list(state["history"])
+        self.precision.load_state_dict(state)
         self.load_extra_state(state)
 
     def save(self) -> Path | None:

@@ -21,11 +21,12 @@ class Parallel:
     :class:`~pyflowmap.training.TrainerBase` guarantees."""
 
     def __init__(self, model, ema, objective, compute: Callable, batch: int, seed: int, device: torch.device,
-                 fsdp: bool = False):
+                 fsdp: bool = False, mp_policy=None, compile_blocks: bool = False):
         self.shard = dist_.current_shard()
         self.device = device
         self.step_module = None  # the DDP / FSDP2-wrapped LossModule
         self.ema_shards = None  # FSDP2: this rank's EMA shards, on the device
+        self.compiles_blocks = False  # FSDP2 with compile: a graph per block (wrap_fsdp)
         if self.shard is None:
             self._compute = compute
             return
@@ -38,7 +39,9 @@ class Parallel:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # collectives and NCCL use the current device
         if fsdp:
-            self.step_module = dist_.wrap_fsdp(model, objective, compute)
+            self.step_module = dist_.wrap_fsdp(model, objective, compute, mp_policy=mp_policy,
+                                               compile_blocks=compile_blocks)
+            self.compiles_blocks = compile_blocks
             # the EMA is updated shard by shard on the device; its whole copy lives in CPU
             # memory, assembled for saving and at the end of fit()
             self.ema_shards = [p.to_local().detach().clone() for p in model.parameters()]
