@@ -13,7 +13,8 @@ One step = the objective's draws, loss and backward (no optimizer), as a trainer
 Variants ``<mode>-<precision>[-compiled]``: ``dual-fp32``, ``jvp-fp32``, ``dual-bf16`` and
 ``jvp-bf16`` (the step under ``torch.autocast(dtype=bf16)``), and the compiled steps
 (``pyflowmap.training.compiled.CompiledLoss``: the loss and its backward as one graph,
-compiled in the warm-up; a step PyTorch cannot compile is left out with its reason). Ratios
+compiled in the warm-up; a step it leaves eager, torch.func.jvp's among them, is left out
+with its reason). Ratios
 are against ``dual-bf16``, or ``dual-fp32`` on a CPU without bf16 units (AVX512-BF16 or AMX),
 where PyTorch emulates bf16 GEMMs and convolutions (~80x slower than fp32 for a GEMM) and the
 bf16 variants are left out; the machine line of the report names the units.
@@ -58,7 +59,7 @@ def make_step(model, data, objective_name, derivative, precision, compiled=False
     return run
 
 
-def _variants(model, data, objective_name, device, compile_jvp=True, **kw):
+def _variants(model, data, objective_name, device, **kw):
     """(variants, skipped, baseline): every mode x precision, eager and compiled. The compiled
     ones compile here, once, so a step that falls back is left out with its reason."""
     precisions = ["fp32"]
@@ -73,9 +74,6 @@ def _variants(model, data, objective_name, device, compile_jvp=True, **kw):
     for p in precisions:
         for d in ("dual", "jvp"):
             variants[f"{d}-{p}"] = make_step(model, data, objective_name, d, p, **kw)
-            if d == "jvp" and not compile_jvp:
-                skipped[f"{d}-{p}-compiled"] = "torch.compile cannot compile torch.func.jvp through this model"
-                continue
             step = make_step(model, data, objective_name, d, p, compiled=True, **kw)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CompileFallbackWarning)
@@ -105,8 +103,7 @@ def test_unet_precision(benchmark, device, objective):
     torch.manual_seed(0)
     model = pf.FlowMap(_init(pf.nn.UNetFlowMap(1, ch=32, emb_dim=32, data_std=0.5))).to(device)
     data = (torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
-    # torch.func.jvp through the UNet's GroupNorm fails inside Dynamo (docs/precision.md)
-    fns, skipped, baseline = _variants(model, data, objective, device, compile_jvp=False)
+    fns, skipped, baseline = _variants(model, data, objective, device)
     benchmark.group = f"UNet ch 32 28x28 batch {batch}: {objective} step, fp32 vs bf16, eager vs compiled ({device})"
     compare(benchmark, fns, device, baseline=baseline, inner=1 if device == "cpu" else 5, rounds=5, batch=batch,
             skipped=skipped)

@@ -249,13 +249,20 @@ class _Branchy(nn.Module):
         return h if float(h.abs().sum()) > 0 else -h
 
 
+def test_compile_leaves_jvp_eager_with_a_message():
+    trainer = _trainer(derivative="jvp", compile=True)
+    with pytest.warns(CompileFallbackWarning, match="derivative 'jvp' .* is not compiled; use derivative 'dual'"):
+        trainer.train_step()
+    assert not trainer.compiled_loss.active and trainer.compiled_loss.failed
+
+
 def test_compile_falls_back_to_eager_with_a_message():
     model = pf.FlowMap(_Branchy())
-    obj = pf.make_objective("lsd", derivative="jvp")
+    obj = pf.make_objective("lsd", derivative="fd")
     x1 = torch.randn(8, 2)
     draws = obj.draw(model, x1, generator=torch.Generator().manual_seed(0))
-    fn = CompiledLoss(obj, "the lsd (jvp) step")
-    with pytest.warns(CompileFallbackWarning, match=r"cannot compile the lsd \(jvp\) step as one graph .* runs eagerly"):
+    fn = CompiledLoss(obj, "the lsd (fd) step")
+    with pytest.warns(CompileFallbackWarning, match=r"cannot compile the lsd \(fd\) step as one graph .* runs eagerly"):
         out = fn(model, x1, draws)
     assert not fn.active and fn.failed
     torch.testing.assert_close(out.loss, obj.loss_from_draws(model, x1, draws).loss)
@@ -266,7 +273,7 @@ def test_compile_falls_back_to_eager_with_a_message():
 
 def test_compile_raises_the_users_own_error_as_it_is():
     model = pf.FlowMap(_Branchy(boom=True))
-    obj = pf.make_objective("lsd", derivative="jvp")
+    obj = pf.make_objective("lsd", derivative="fd")
     x1 = torch.randn(8, 2)
     draws = obj.draw(model, x1, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():

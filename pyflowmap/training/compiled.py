@@ -39,8 +39,12 @@ class CompiledLoss:
         if type(objective).draw is ObjectiveBase.draw or type(objective).loss_from_draws is ObjectiveBase.loss_from_draws:
             raise TypeError(f"compiling needs an objective split into draw() and loss_from_draws() (ObjectiveBase); "
                             f"{type(objective).__name__} implements only its call: train it without compile")
+        self.objective = objective
         self.eager = objective.loss_from_draws
-        self.compiled = torch.compile(self.eager, fullgraph=True)
+        # static shapes: a training step's shapes do not change, and dynamic ones (which Dynamo
+        # turns on when one process compiles the same code at two shapes) fail in Inductor for
+        # the UNet
+        self.compiled = torch.compile(self.eager, fullgraph=True, dynamic=False)
         self.describe = describe
         self.announce = announce
         self.failed: str | None = None  # why the step runs eagerly
@@ -59,7 +63,24 @@ class CompiledLoss:
         """Whether the compiled graph runs (False: not compiled yet, or fell back)."""
         return self.failed is None and self.compile_seconds is not None
 
+    def _refuse(self, model) -> str | None:
+        """Why this step is not compiled at all, or None. torch.func.jvp is left eager: Dynamo
+        cannot trace it through the image models' norms, and where it can (the MLP) the
+        compiled backward of LSD's jvp fails at run time inside PyTorch ("ZeroTensors are
+        immutable", torch 2.13), after the graph was built, where no fallback can catch it."""
+        from pyflowmap.derivatives import JVP
+
+        mode = getattr(self.objective, "mode", None)
+        if callable(mode) and isinstance(mode(model), JVP):
+            return "derivative 'jvp' (torch.func.jvp) is not compiled; use derivative 'dual' to compile the step"
+        return None
+
     def __call__(self, model, x1, draws):
+        if self.failed is None and self.compile_seconds is None:
+            self.failed = self._refuse(model)
+            if self.failed is not None:
+                warnings.warn(f"torch.compile: {self.describe} runs eagerly: {self.failed}", CompileFallbackWarning,
+                              stacklevel=2)
         if self.failed is not None:
             return self.eager(model, x1, draws)
         first = self.compile_seconds is None
