@@ -1,7 +1,8 @@
 """Train FM, LSD, ESD, PSD-U, PSD-M, shortcut, sCT and sCD on the 2D checker with the same
 network and budget and tabulate the histogram KL at 1/2/4/8 steps with the training time of each.
 
-    python benchmarks/checker_objectives.py --out runs/checker            # the CPU demo budget
+    python benchmarks/checker_objectives.py --out runs/checker            # the CPU demo's recipe and budget
+    python benchmarks/checker_objectives.py --out runs/checker-paper --recipe paper   # RESULTS.md section 1
     python benchmarks/checker_objectives.py --out runs/checker --steps 20000 --batch 8192 --hidden 512
 
 FM is sampled by integrating its diagonal velocity (Euler and Heun); the flow-map objectives by
@@ -17,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from pyflowmap.toy2d.config import TrainConfig
+from pyflowmap.toy2d.config import RECIPES, TrainConfig
 from pyflowmap.toy2d.evaluate import evaluate
 from pyflowmap.toy2d.plots import plot_sample_grid
 from pyflowmap.toy2d.train import Trainer
@@ -41,7 +42,8 @@ def run_one(objective: str, args) -> dict:
                                  **{k: v for k, v in overrides.items() if k == "steps"})
     else:
         extra = {"teacher": str(Path(args.out) / "fm")} if objective == "scd" else {}
-        trainer = Trainer(TrainConfig(objective=objective, **overrides, **extra), out_dir=out, progress=not args.quiet)
+        cfg = TrainConfig.from_recipe(args.recipe, objective=objective, **overrides, **extra)
+        trainer = Trainer(cfg, out_dir=out, progress=not args.quiet)
     trainer.fit()
     samplers = ("euler", "heun") if objective == "fm" else ("consistency",) if objective in ("sct", "scd") else ("map",)
     report = evaluate(trainer.ema, trainer.base, "checker", steps=(1, 2, 4, 8), samplers=samplers, n=args.n)
@@ -78,6 +80,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/checker")
     ap.add_argument("--objectives", nargs="+", default=OBJECTIVES, choices=OBJECTIVES)
+    ap.add_argument("--recipe", default="fast", choices=sorted(RECIPES),
+                    help="the 2D trainer's recipe (docs/recipes.md); section 1 of RESULTS.md used paper")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--batch", type=int)
     ap.add_argument("--hidden", type=int)

@@ -7,18 +7,20 @@ import argparse
 import contextlib
 import json
 import sys
-from dataclasses import fields
+import time
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
 
 from pyflowmap.conditioning import num_classes
 from pyflowmap.sampling import draw
-from pyflowmap.toy2d.config import TrainConfig
+from pyflowmap.toy2d.config import RECIPES, TrainConfig
 from pyflowmap.toy2d.evaluate import ALL_SAMPLERS, default_samplers, evaluate, format_table, load_model, starting_noise, to_json
 from pyflowmap.toy2d.train import Trainer
 from pyflowmap.training import CHECKPOINT, NonFiniteTraining, atomic_write
 from pyflowmap.training.rundir import RunLock
+from pyflowmap.training.runlog import has_tensorboard, read_log
 
 HELP = {
     "data": "2D dataset: checker, 8gaussians, moons, spiral",
@@ -29,6 +31,14 @@ HELP = {
     "scm_warmup": "sct / scd: tangent warm-up steps (0: a tenth of --steps)",
     "time_scale": "frequency scale of the time embeddings (0: 10 for sct / scd, whose tangent differentiates "
                   "them, 100 otherwise)",
+    "fourier": "random Fourier features of x / sigma_d fed to the MLP (-1: 64, none for esd; 0: none)",
+    "fourier_scale": "their frequency scale, in cycles per sigma_d",
+    "optimizer": "radam, adam or adamw",
+    "lr_schedule": "sqrt (decay after --lr-decay-after), cosine (to 0 at --steps) or constant",
+    "warmup": "linear learning-rate warm-up steps",
+    "ema_warmup": "ramp the EMA decay as min(ema, (1 + n) / (10 + n))",
+    "part_weighting": "equal (the flow-matching and distillation means summed) or count (the mean over all "
+                      "samples, the paper's code)",
     "derivative": "how derivatives are taken: auto, jvp (torch.func), fd (central differences), dual",
     "steps": "total optimizer steps",
     "batch": "batch size",
@@ -55,7 +65,9 @@ IMAGE_HELP = {
 
 def _add_config_args(p: argparse.ArgumentParser, defaults, helps=HELP):
     for f in fields(type(defaults)):
-        default = getattr(defaults, f.name)
+        # the field's own default (time_scale 0, fourier -1: the objective's), not the value it
+        # resolved to for the default objective
+        default = f.default if f.default is not MISSING else getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
@@ -66,8 +78,11 @@ def _add_config_args(p: argparse.ArgumentParser, defaults, helps=HELP):
 
 
 def _config_from(args, defaults):
+    """The flags given (on top of ``--recipe``'s fields), the rest left to the config class: the
+    defaults that depend on the objective (time scale, Fourier features, sCM's warm-up) are
+    resolved for the objective asked for, not for the default one."""
     cls = type(defaults)
-    values = defaults.to_dict()
+    values = dict(RECIPES[args.recipe]) if getattr(args, "recipe", None) else {}
     values.update({f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None})
     return cls.from_dict(values)
 
@@ -125,6 +140,10 @@ def _train(args, trainer_cls, defaults) -> int:
     # commands on one --out cannot both pass the check (the trainer re-enters the same lock)
     with RunLock(out) if distributed.is_main() else contextlib.nullcontext():
         if args.resume:
+            if getattr(args, "recipe", None):
+                print("error: --recipe starts a run; a resumed run keeps the configuration in its checkpoint",
+                      file=sys.stderr)
+                return 2
             trainer = trainer_cls.resume(out, progress=not args.quiet, **_overrides(args, type(defaults)))
             if distributed.is_main():
                 print(f"resuming {out / CHECKPOINT} at step {trainer.step} of {trainer.cfg.steps}")
@@ -132,10 +151,13 @@ def _train(args, trainer_cls, defaults) -> int:
             if (out / CHECKPOINT).exists() and not args.overwrite:
                 print(f"error: {out / CHECKPOINT} exists; pass --resume to continue it or --overwrite", file=sys.stderr)
                 return 2
-            trainer = trainer_cls(_config_from(args, defaults), out_dir=out, progress=not args.quiet)
+            cfg = _config_from(args, defaults)
+            _recipe_note(args, cfg)
+            trainer = trainer_cls(cfg, out_dir=out, progress=not args.quiet)
         trainer.fit()
         trainer.close()
     if distributed.is_main():
+        _plot_training(trainer, out)
         world = 1 if trainer.shard is None else trainer.shard.world
         print(f"trained {trainer.step} steps ({trainer.skipped} skipped) in {trainer.train_seconds:.1f} s"
               + (f" on {world} processes" if world > 1 else "")
@@ -143,6 +165,35 @@ def _train(args, trainer_cls, defaults) -> int:
     distributed.shutdown()
     _require_final_save(trainer)
     return 0
+
+
+def _recipe_note(args, cfg) -> None:
+    """MeanFlow's 2D runs get worse with length under either recipe (docs/recipes.md); say so
+    where it applies."""
+    if isinstance(cfg, TrainConfig) and cfg.objective == "meanflow" and cfg.steps > 3000:
+        print("note: 2D MeanFlow runs got worse after about 3000 steps in pyflowmap's study (docs/recipes.md); "
+              f"this one trains {cfg.steps}", file=sys.stderr)
+
+
+def _plot_training(trainer, out: Path) -> Path | None:
+    """``training.png`` in the run directory: the loss of each part, gradient norms and learning
+    rate over the run (skipped, with a note, without matplotlib)."""
+    try:
+        from pyflowmap.training.curves import plot_training
+    except ImportError:  # pragma: no cover
+        return None
+    parts = getattr(trainer.objective, "parts", ())
+    try:
+        # the log on disk holds the whole run; the trainer's history only what this process trained
+        rows = read_log(out) or trainer.history
+        return plot_training(rows, out / "training.png", parts=parts,
+                             title=f"{trainer.cfg.objective.upper()} ({trainer.cfg.derivative}), "
+                                   f"{trainer.step} steps in {trainer.train_seconds:.0f} s")
+    except ImportError:
+        print("note: no training.png (pip install 'pyflowmap[plots]' for the loss curves)")
+    except ValueError:
+        pass  # nothing logged yet
+    return None
 
 
 def _require_final_save(trainer) -> None:
@@ -260,18 +311,30 @@ def cmd_demo(args) -> int:
     cfg = _config_from(args, TrainConfig())
     with RunLock(out):
         if (out / CHECKPOINT).exists() and not args.overwrite:
+            if args.recipe:
+                print(f"error: {out} holds a run, which keeps its configuration; pass --overwrite to start it over "
+                      f"with --recipe {args.recipe}", file=sys.stderr)
+                return 2
             trainer = Trainer.resume(out, progress=not args.quiet, **_overrides(args))
             if trainer.step < trainer.cfg.steps:
                 print(f"continuing {out / CHECKPOINT} from step {trainer.step}")
         else:
+            _recipe_note(args, cfg)
             trainer = Trainer(cfg, out_dir=out, progress=not args.quiet)
+        fourier = f", {trainer.cfg.fourier} Fourier features" if trainer.cfg.fourier else ""
         print(f"pyflowmap demo: {trainer.cfg.objective.upper()} ({trainer.cfg.derivative} derivatives) on "
-              f"{trainer.cfg.data}, MLP {trainer.cfg.depth}x{trainer.cfg.hidden}, batch {trainer.cfg.batch}, "
+              f"{trainer.cfg.data}, MLP {trainer.cfg.depth}x{trainer.cfg.hidden}{fourier}, batch {trainer.cfg.batch}, "
               f"{trainer.cfg.steps} steps, {torch.get_num_threads()} threads")
         trainer.fit()
         trainer.close()
         _require_final_save(trainer)
+        curves = _plot_training(trainer, out)
+        t0 = time.perf_counter()
         _run_eval(out, args.eval_steps, None, args.n, args.seed_eval, True)
+        print(f"trained in {trainer.train_seconds:.0f} s, evaluated in {time.perf_counter() - t0:.0f} s; "
+              f"loss curves: {curves or '(no matplotlib)'}; metrics per logged step: {out / 'train_log.jsonl'}"
+              + (f" and {out / 'tensorboard'} (tensorboard --logdir {out})" if has_tensorboard() else
+                 " (pip install 'pyflowmap[track]' for TensorBoard event files)"))
     return 0
 
 
@@ -285,6 +348,13 @@ def _train_parser(sub, name: str, help: str, defaults, func, helps=HELP) -> None
     p.set_defaults(func=func)
 
 
+def _add_recipe_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="start from a named recipe, then apply the other flags: fast (the default: what "
+                        "benchmarks/learning_speed.py found at the demo's budget) or paper (the paper's "
+                        "optimizer, schedule, EMA and network at demo size); docs/recipes.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyflowmap", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -292,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train on the checkerboard, sample with 1/2/4/8 steps, print the table")
     _add_config_args(p, TrainConfig())
+    _add_recipe_arg(p)
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--eval-steps", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--n", type=int, default=65536, help="evaluation samples (default 65536)")
@@ -301,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     _train_parser(sub, "train", "train a 2D flow map", TrainConfig(), cmd_train)
+    _add_recipe_arg(sub.choices["train"])
 
     p = sub.add_parser("eval", help="metrics table, metrics.json and samples.png of a run")
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint file")

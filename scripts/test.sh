@@ -3,7 +3,7 @@
 #   bash scripts/test.sh [pytest args]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/scripts/setup.sh" test,plots,images
+bash "$ROOT/scripts/setup.sh" test,plots,images,track
 cd "$ROOT"
 export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 exec "${PYFLOWMAP_VENV:-$ROOT/.venv}/bin/python" -m pytest tests -q "$@"

@@ -114,6 +114,28 @@ def test_modulate_and_embedding():
     torch.testing.assert_close(emb.dual(t, None), torch.cat([e, torch.zeros_like(e)]))
 
 
+@given(b=batch, d=st.integers(1, 4), m=st.integers(1, 7), tangent=st.booleans())
+def test_fourier_features(b, d, m, tangent):
+    feats = pnn.FourierFeatures(d, m, scale=0.7, seed=3).double()
+    x = rand(b, d)
+    xd = rand(b, d, seed=1) if tangent else torch.zeros(b, d, dtype=F64)
+    e, ed = torch.func.jvp(feats, (x,), (xd,))
+    torch.testing.assert_close(feats.dual(x, xd if tangent else None), torch.cat([e, ed]), atol=1e-12, rtol=1e-10)
+    assert e.shape == (b, 2 * m) and feats.dim == 2 * m
+    # a float32 input is computed in float32 and stays float32; the features are seeded, not global
+    assert feats(x.float()).dtype == torch.float32
+    torch.testing.assert_close(pnn.FourierFeatures(d, m, scale=0.7, seed=3).proj, feats.proj.float())
+
+
+def test_fourier_features_reject_bad_arguments():
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="Fourier features"):
+            pnn.FourierFeatures(2, bad)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale"):
+            pnn.FourierFeatures(2, 4, scale=bad)
+
+
 REF_OPS = {
     "act-gelu": (lambda xx: ref.dual_act(xx, "gelu"), (6, 5)),
     "act-silu": (lambda xx: ref.dual_act(xx, "silu"), (6, 5)),
@@ -128,6 +150,11 @@ def test_reference_ops_gradcheck(name):
     fn, shape = REF_OPS[name]
     xx = rand(*shape).requires_grad_()
     assert torch.autograd.gradcheck(fn, (xx,))  # covers the gradient of the tangent half too
+
+
+def test_reference_fourier_gradcheck():
+    x, xd, proj = rand(5, 2).requires_grad_(), rand(5, 2, seed=1).requires_grad_(), rand(2, 3, seed=2).requires_grad_()
+    assert torch.autograd.gradcheck(ref.dual_fourier, (x, xd, proj))
 
 
 def test_reference_attention_gradcheck():
@@ -149,6 +176,13 @@ def mlp_model():
     return net
 
 
+def mlp_fourier_model():
+    torch.manual_seed(0)
+    net = pnn.FlowMapMLP(hidden=32, depth=3, emb_dim=8, fourier_features=5, fourier_scale=0.5).double()
+    torch.nn.init.normal_(net.head.weight, std=0.3)
+    return net
+
+
 def unet_model():
     torch.manual_seed(0)
     net = pnn.UNetFlowMap(ch=8, emb_dim=8, heads=2, groups=4).double()
@@ -156,7 +190,8 @@ def unet_model():
     return net
 
 
-@pytest.mark.parametrize("make,shape", [(mlp_model, (6, 2)), (unet_model, (3, 1, 8, 8))], ids=["mlp", "unet"])
+@pytest.mark.parametrize("make,shape", [(mlp_model, (6, 2)), (mlp_fourier_model, (5, 2)), (unet_model, (3, 1, 8, 8))],
+                         ids=["mlp", "mlp-fourier", "unet"])
 def test_model_dual_matches_jvp(math_sdpa, make, shape):
     fm = pf.FlowMap(make())
     x, xd = rand(*shape), rand(*shape, seed=1)
@@ -170,7 +205,8 @@ def test_model_dual_matches_jvp(math_sdpa, make, shape):
         torch.testing.assert_close(d[1], a[1], atol=1e-11, rtol=1e-9)
 
 
-@pytest.mark.parametrize("make,shape", [(mlp_model, (16, 2)), (unet_model, (4, 1, 8, 8))], ids=["mlp", "unet"])
+@pytest.mark.parametrize("make,shape", [(mlp_model, (16, 2)), (mlp_fourier_model, (16, 2)), (unet_model, (4, 1, 8, 8))],
+                         ids=["mlp", "mlp-fourier", "unet"])
 @pytest.mark.parametrize("objective", ["lsd", "esd"])
 def test_lsd_esd_gradients_match_jvp_mode(math_sdpa, make, shape, objective):
     fm = pf.FlowMap(make())

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from pyflowmap.toy2d.config import TrainConfig
-from pyflowmap.toy2d.evaluate import evaluate
 from pyflowmap.toy2d.train import Trainer
 from pyflowmap.training import NonFiniteTraining
 from pyflowmap.training.checkpoint import load_checkpoint, save_checkpoint
@@ -129,22 +128,6 @@ def test_bad_config_is_refused():
         TrainConfig(batch=0)
     with pytest.raises(ValueError, match="unknown keys"):
         TrainConfig.from_dict({"bogus": 1})
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("objective", ["lsd", "psd-u", "psd-m"])
-def test_short_training_improves_the_checker_metric(objective):
-    # 600 steps of a small MLP: far from converged, but the 4-step samples must already be
-    # clearly closer to the checker than the untrained map's (which returns the base noise).
-    # The 1-step map of PSD-U is still worse than the identity this early, so 4 steps it is.
-    cfg = TrainConfig(objective=objective, hidden=64, depth=3, emb_dim=16, batch=512, steps=600,
-                      lr=1e-2, lr_decay_after=0, ema=0.0, log_every=100)
-    trainer = Trainer(cfg, progress=False)
-    untrained = evaluate(trainer.model, trainer.base, "checker", steps=(4,), samplers=("map",), n=16384)
-    trainer.fit()
-    trained = evaluate(trainer.model, trainer.base, "checker", steps=(4,), samplers=("map",), n=16384)
-    before, after = untrained["results"]["map"][4]["kl"], trained["results"]["map"][4]["kl"]
-    assert after < before - 0.1, f"{objective}: 4-step KL {before:.3f} -> {after:.3f}"
 
 
 def test_logged_steps_carry_each_parts_gradient_norm():

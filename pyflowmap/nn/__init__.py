@@ -6,7 +6,7 @@ stacked ``[x; x_dot]``; models built from them return ``(v, v_dot)`` when given 
 
 from pyflowmap.nn.attention import Attention
 from pyflowmap.nn.dit import DiTFlowMap, dit_preset
-from pyflowmap.nn.embeddings import SinusoidalEmbedding
+from pyflowmap.nn.embeddings import FourierFeatures, SinusoidalEmbedding
 from pyflowmap.nn.functional import reference_ops
 from pyflowmap.nn.jvp_mode import FusedJVPMode, fused_jvp
 from pyflowmap.nn.layers import (GELU, Activation, Conv2d, DualModule, GroupNorm, LayerNorm, Linear, RMSNorm,
@@ -16,6 +16,6 @@ from pyflowmap.nn.unet import AttnBlock, ResBlock, UNetFlowMap
 
 __all__ = [
     "Activation", "Attention", "AttnBlock", "Conv2d", "DiTFlowMap", "DualModule", "FlowMapMLP", "FusedJVPMode", "GELU", "GroupNorm",
-    "LayerNorm", "Linear", "RMSNorm", "ResBlock", "Sequential", "SiLU", "SinusoidalEmbedding",
+    "FourierFeatures", "LayerNorm", "Linear", "RMSNorm", "ResBlock", "Sequential", "SiLU", "SinusoidalEmbedding",
     "UNetFlowMap", "dit_preset", "fused_jvp", "modulate", "reference_ops", "stack",
 ]

@@ -56,6 +56,40 @@ class SinusoidalEmbedding(nn.Module):
         return DF.dual_sinusoidal(t, t_dot, self.freqs)
 
 
+class FourierFeatures(nn.Module):
+    """Random Fourier features of the points, [cos(x P), sin(x P)] with P = 2 pi ``scale`` N(0, 1)
+    of shape ``[dim, features]`` (Tancik et al. 2020), drawn from a generator seeded with
+    ``seed`` (not the global RNG) and kept as a buffer, so a checkpoint restores them exactly.
+
+    An MLP on raw 2D coordinates learns the sharp edges of a density slowly (its spectral
+    bias); these features give its first layer frequencies of ``scale`` cycles per unit of its
+    input (the MLP feeds x / sigma_d). benchmarks/RESULTS.md section 15 measures the effect.
+    """
+
+    def __init__(self, dim: int, features: int, scale: float = 1.0, seed: int = 0):
+        super().__init__()
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ValueError(f"Fourier features must be a positive int, got {features!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"Fourier feature scale must be a positive number, got {scale!r}")
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("proj", 2 * math.pi * scale * torch.randn(dim, features, generator=g))
+        self.dim = 2 * features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, dim]`` -> ``[B, 2 features]``, computed in float32 (float64 for float64
+        ``x``) and returned in ``x``'s dtype."""
+        xc = x.to(acc_dtype(x.dtype))
+        p = xc @ self.proj.to(xc.dtype)
+        return torch.cat([torch.cos(p), torch.sin(p)], dim=-1).to(x.dtype)
+
+    def dual(self, x: torch.Tensor, x_dot: torch.Tensor | None) -> torch.Tensor:
+        """Stacked ``[features(x); d features(x) . x_dot]``, ``[2B, 2 features]``."""
+        from pyflowmap.nn import functional as DF
+
+        return DF.dual_fourier(x, x_dot, self.proj)
+
+
 STEP_EMBEDDINGS = ("sinusoidal", "dyadic")
 
 

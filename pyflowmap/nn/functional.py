@@ -16,6 +16,7 @@ dual_attention = ops.dual_attention.dispatch
 # cheap elementwise compositions: autograd over the twin is already one pass each way
 dual_modulate = reference.dual_modulate
 dual_sinusoidal = reference.dual_sinusoidal
+dual_fourier = reference.dual_fourier
 
 split = reference.split
 stack = reference.stack

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pyflowmap.conditioning import Conditioned
-from pyflowmap.nn.embeddings import SinusoidalEmbedding, make_step_embedding, time_tangents
+from pyflowmap.nn.embeddings import FourierFeatures, SinusoidalEmbedding, make_step_embedding, time_tangents
 from pyflowmap.nn.functional import split
 from pyflowmap.nn.layers import Activation, Linear, Sequential, stack
 
@@ -26,6 +26,10 @@ class FlowMapMLP(Conditioned, nn.Module):
     ``c`` to the input (``c=None``: the null condition); ``guidance_input=True`` also embeds the
     guidance scale ``w`` ``[B]`` (:class:`pyflowmap.conditioning.ConditionEmbedding`).
 
+    ``fourier_features`` > 0 appends that many random Fourier features of x / sigma_d
+    (:class:`~pyflowmap.nn.embeddings.FourierFeatures`, ``fourier_scale`` cycles per sigma_d)
+    to the input: the sharp edges of a 2D density are learned many times faster.
+
     Built from :mod:`pyflowmap.nn` dual layers: ``net(x, s, t, tangents=(x_dot, s_dot, t_dot))``
     returns ``(v, v_dot)`` in one ordinary forward over the stacked [primal; tangent] rows, so
     the ``dual`` derivative mode (picked by ``derivative="auto"``) needs no forward-mode AD.
@@ -36,7 +40,8 @@ class FlowMapMLP(Conditioned, nn.Module):
     def __init__(self, dim: int = 2, hidden: int = 512, depth: int = 4, emb_dim: int = 64,
                  activation: str = "gelu", data_std: float | torch.Tensor = 1.0, num_classes: int | None = None,
                  cond_shape=None, guidance_input: bool = False, step_embedding: str = "sinusoidal",
-                 step_levels: int = 7, time_scale: float = 100.0):
+                 step_levels: int = 7, time_scale: float = 100.0, fourier_features: int = 0,
+                 fourier_scale: float = 1.0):
         super().__init__()
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"dim, hidden and depth must be positive, got {dim}, {hidden}, {depth}")
@@ -47,7 +52,8 @@ class FlowMapMLP(Conditioned, nn.Module):
         self.emb_dt = make_step_embedding(step_embedding, emb_dim, step_levels, time_scale)
         layers: list[nn.Module] = []
         conditional = self._init_condition(emb_dim, num_classes, cond_shape, guidance_input)
-        width = dim + (3 if conditional else 2) * emb_dim
+        self.fourier = FourierFeatures(dim, fourier_features, fourier_scale) if fourier_features else None
+        width = dim + (3 if conditional else 2) * emb_dim + (self.fourier.dim if self.fourier is not None else 0)
         for _ in range(depth):
             layers += [Linear(width, hidden), Activation(activation)]
             width = hidden
@@ -65,13 +71,17 @@ class FlowMapMLP(Conditioned, nn.Module):
             raise ValueError(f"FlowMapMLP expects x of shape [B, {self.dim}], got {tuple(x.shape)}")
         sd = self.data_std.to(x.dtype)
         cond = self._condition(x, c, w)
+        xs = x / sd
         if tangents is None:
-            h = torch.cat([x / sd, self.emb_s(s), self.emb_dt(t - s), *cond], dim=-1)
+            feats = [] if self.fourier is None else [self.fourier(xs)]
+            h = torch.cat([xs, *feats, self.emb_s(s), self.emb_dt(t - s), *cond], dim=-1)
             return sd * self.head(self.body(h))
         x_dot, s_dot, t_dot = tangents
         s_dot, dt_dot = time_tangents(s, t, s_dot, t_dot)
+        xs_dot = None if x_dot is None else x_dot / sd
         hh = torch.cat([
-            stack(x / sd, None if x_dot is None else x_dot / sd),
+            stack(xs, xs_dot),
+            *([] if self.fourier is None else [self.fourier.dual(xs, xs_dot)]),
             self.emb_s.dual(s, s_dot),
             self.emb_dt.dual(t - s, dt_dot),
             *[stack(e, None) for e in cond],  # a condition carries no tangent

@@ -21,6 +21,7 @@ from pyflowmap.times import TimeSampler
 from pyflowmap.validation import check_batch
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PART_WEIGHTINGS = ("equal", "count")
 
 
 @dataclass
@@ -299,6 +300,10 @@ class Objective(ObjectiveBase):
 
         L = mean_diag |v_{t,t}(I_t) - target_t|^2  +  mean_offdiag |pred - target|^2
 
+    (``part_weighting="equal"``, the default); ``"count"`` weights each part by its share of
+    the batch, n_diag / B and (B - n_diag) / B, which makes L the mean over all samples (the
+    paper's code; benchmarks/RESULTS.md section 15 compares the two)
+
     with ``target_t = dI_t/dt`` (self-distillation) or the teacher's b_t(I_t) (distillation)
     and (pred, target) from :meth:`offdiag_terms`. With ``weighting`` each per-sample loss l
     becomes exp(-w(s,t)) l + w(s,t). Norms are summed over all non-batch dimensions.
@@ -321,9 +326,13 @@ class Objective(ObjectiveBase):
         p_uncond: float = 0.0,
         guidance: float | None = None,
         guidance_range: tuple[float, float] | None = None,
+        part_weighting: str = "equal",
     ):
         super().__init__()
         self.set_conditioning(p_uncond, guidance, guidance_range)
+        if part_weighting not in PART_WEIGHTINGS:
+            raise ValueError(f"part_weighting must be one of {PART_WEIGHTINGS}, got {part_weighting!r}")
+        self.part_weighting = part_weighting
         self.interpolant = make_interpolant(interpolant)
         self.base = base if base is not None else GaussianBase(1.0)
         self.times = times if times is not None else TimeSampler()
@@ -436,7 +445,8 @@ class Objective(ObjectiveBase):
             # sharded: this rank's share of the global mean, times W (DDP averages over ranks),
             # for the loss and for the logged part means alike
             share = self.share(shard, per.shape[0], counts[key])
-            terms[key] = (part * share).to(loss.dtype)
+            weight = 1.0 if self.part_weighting == "equal" else counts[key] / sum(counts.values())
+            terms[key] = (part * (share * weight)).to(loss.dtype)
             loss = loss + terms[key]
             metrics[key] = per.detach().mean() * share
             per_sample.append(per)
@@ -447,5 +457,6 @@ class Objective(ObjectiveBase):
     def extra_repr(self) -> str:
         extra = "" if self.p_uncond == 0 else f", p_uncond={self.p_uncond}, guidance={self.guidance}, " \
             f"guidance_range={self.guidance_range}"
+        pw = "" if self.part_weighting == "equal" else f", part_weighting={self.part_weighting!r}"
         return (f"interpolant={self.interpolant!r}, base={self.base!r}, times={self.times!r}, "
-                f"derivative={self.derivative!r}{extra}")
+                f"derivative={self.derivative!r}{pw}{extra}")

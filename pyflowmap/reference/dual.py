@@ -203,6 +203,21 @@ def dual_sinusoidal(t: torch.Tensor, t_dot: torch.Tensor | None, freqs: torch.Te
     return torch.cat([emb, d]).to(out)
 
 
+def dual_fourier(x: torch.Tensor, x_dot: torch.Tensor | None, proj: torch.Tensor) -> torch.Tensor:
+    """Fourier features [cos(x P), sin(x P)] of points ``x`` ``[B, d]`` (``proj`` ``[d, m]``)
+    and their tangent [-sin(x P), cos(x P)] * (x_dot P), stacked ``[2B, 2m]``; computed in
+    float32 (float64 for float64 ``x``) and returned in ``x``'s dtype."""
+    out = x.dtype
+    x = x.to(acc_dtype(out))
+    p = x @ proj.to(x.dtype)
+    emb = torch.cat([torch.cos(p), torch.sin(p)], dim=-1)
+    if x_dot is None:
+        return torch.cat([emb, torch.zeros_like(emb)]).to(out)
+    pd = x_dot.to(x.dtype) @ proj.to(x.dtype)
+    d = torch.cat([-torch.sin(p) * pd, torch.cos(p) * pd], dim=-1)
+    return torch.cat([emb, d]).to(out)
+
+
 def dual_linear(xx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """One GEMM over the stacked rows (W read once); the bias lands on the primal half only."""
     if xx.dim() < 2:

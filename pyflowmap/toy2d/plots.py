@@ -4,20 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pyflowmap._figures import pyplot, save_png
+
 
 def plot_sample_grid(samples: dict, path: str | Path, lim: float = 4.5, bins: int = 200, title: str = "") -> Path:
     """2D histograms: one row per sampler, the data first, then each step count.
 
     ``samples`` maps ``(sampler, steps)`` to ``[N, 2]`` tensors and ``("data", 0)`` to data.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover
-        raise ImportError("plots need matplotlib: pip install 'pyflowmap[plots]'") from exc
-
+    plt = pyplot()
     data = samples.get(("data", 0))
     samplers = [s for s in dict.fromkeys(k[0] for k in samples) if s != "data"]
     steps = sorted({k[1] for k in samples if k[0] != "data"})
@@ -40,9 +35,4 @@ def plot_sample_grid(samples: dict, path: str | Path, lim: float = 4.5, bins: in
             ax.set_aspect("equal")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -13,8 +13,10 @@ from pyflowmap.training import TrainerBase
 
 
 class Trainer(TrainerBase):
-    """Trains a 2D flow map from a :class:`TrainConfig`: RAdam, constant learning rate then
-    sqrt decay after ``lr_decay_after`` steps.
+    """Trains a 2D flow map from a :class:`TrainConfig`: its ``optimizer`` (RAdam, Adam or
+    AdamW), a linear ``warmup``, then the ``lr_schedule`` (sqrt decay after ``lr_decay_after``
+    steps, cosine to 0 at ``steps``, or constant), and an EMA whose decay ramps as
+    min(ema, (1 + n) / (10 + n)) with ``ema_warmup``.
 
     All training randomness (data, base noise, times, PSD splits) comes from one
     ``torch.Generator`` whose state is checkpointed with model, EMA, optimizer, scheduler and
@@ -41,11 +43,22 @@ class Trainer(TrainerBase):
         return build_objective(self.cfg, self.model, self.base, teacher=teacher)
 
     def build_optimizer(self, params):
-        return torch.optim.RAdam(params, lr=self.cfg.lr)
+        cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[self.cfg.optimizer]
+        return cls(params, lr=self.cfg.lr)
 
     def lr_factor(self, step: int) -> float:
-        a = self.cfg.lr_decay_after
-        return 1.0 if a <= 0 or step < a else math.sqrt(a / max(step, 1))
+        cfg = self.cfg
+        warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else 1.0
+        if cfg.lr_schedule == "cosine":
+            done = min(1.0, max(0, step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+            return warm * 0.5 * (1 + math.cos(math.pi * done))
+        a = cfg.lr_decay_after
+        if cfg.lr_schedule == "constant" or a <= 0 or step < a:
+            return warm
+        return warm * math.sqrt(a / max(step, 1))
+
+    def ema_decay(self) -> float:
+        return min(self.cfg.ema, (1 + self.step) / (10 + self.step)) if self.cfg.ema_warmup else self.cfg.ema
 
     def next_batch(self):
         # the global batch is drawn on every rank (cheap 2D sampling), each keeps its rows

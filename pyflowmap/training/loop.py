@@ -22,6 +22,7 @@ from pyflowmap.training.guard import NonFiniteGuard
 from pyflowmap.training.parallel import Parallel
 from pyflowmap.training.precision import Precision
 from pyflowmap.training.rundir import RunLock, check_free_space
+from pyflowmap.training.runlog import RunLog
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "weights.safetensors"
@@ -271,6 +272,8 @@ class TrainerBase:
 
         bar = tqdm(total=total, initial=self.step, disable=not self.progress,
                    desc=f"{self.cfg.objective} ({self.cfg.derivative})", dynamic_ncols=True)
+        # train_log.jsonl (+ TensorBoard events): rank 0 writes, from this step on
+        log = RunLog(self.out_dir, start_step=self.step) if self.out_dir is not None and dist_.is_main() else None
         done = 0
         t0 = time.perf_counter()
         try:
@@ -283,6 +286,8 @@ class TrainerBase:
                     row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0]}
                     row.update({k: float(v) for k, v in rec.items()})
                     self.history.append(row)
+                    if log is not None:
+                        log.write({**row, "seconds": round(self.train_seconds + time.perf_counter() - t0, 3)})
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if self.out_dir is not None and self.step % self.cfg.ckpt_every == 0:
                     self.train_seconds += time.perf_counter() - t0
@@ -290,6 +295,8 @@ class TrainerBase:
                     self.save()
         finally:
             bar.close()
+            if log is not None:
+                log.close()
         self.train_seconds += time.perf_counter() - t0
         if self.out_dir is not None:
             self.save()
