@@ -20,6 +20,7 @@ from pyflowmap.objectives import DISTILLATION, make_objective
 from pyflowmap.times import TimeSampler
 from pyflowmap.training import CHECKPOINT, TrainerBase, load_checkpoint
 from pyflowmap.training.checkpoint import digest
+from pyflowmap.training.schedules import linear_warmup, ramped_ema_decay
 
 
 def load_run(run_dir: str | Path, use_ema: bool = True, device="cpu"):
@@ -210,7 +211,7 @@ class ImageTrainer(TrainerBase):
         return torch.optim.Adam(params, lr=self.cfg.lr)
 
     def lr_factor(self, step: int) -> float:
-        return min(1.0, (step + 1) / max(1, self.cfg.warmup))
+        return linear_warmup(step, self.cfg.warmup)
 
     def next_batch(self):
         # the global batch's indices are drawn on every rank; each loads only its own rows
@@ -218,7 +219,7 @@ class ImageTrainer(TrainerBase):
         return self.batches(self.cfg.batch, self.generator, shard=self.shard)
 
     def ema_decay(self) -> float:
-        return min(self.cfg.ema, (1 + self.step) / (10 + self.step))
+        return ramped_ema_decay(self.cfg.ema, self.step)
 
     def extra_state(self) -> dict:
         # fingerprints of what the run was built from: a resume or an eval refuses other data

@@ -10,6 +10,7 @@ import torch
 from pyflowmap.toy2d.config import TrainConfig, build_base, build_model, build_objective, check_teacher, data_statistics
 from pyflowmap.toy2d.data import sample_data, sample_labelled
 from pyflowmap.training import TrainerBase
+from pyflowmap.training.schedules import linear_warmup, ramped_ema_decay
 
 
 class Trainer(TrainerBase):
@@ -48,7 +49,7 @@ class Trainer(TrainerBase):
 
     def lr_factor(self, step: int) -> float:
         cfg = self.cfg
-        warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else 1.0
+        warm = linear_warmup(step, cfg.warmup)
         if cfg.lr_schedule == "cosine":
             done = min(1.0, max(0, step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
             return warm * 0.5 * (1 + math.cos(math.pi * done))
@@ -58,7 +59,7 @@ class Trainer(TrainerBase):
         return warm * math.sqrt(a / max(step, 1))
 
     def ema_decay(self) -> float:
-        return min(self.cfg.ema, (1 + self.step) / (10 + self.step)) if self.cfg.ema_warmup else self.cfg.ema
+        return ramped_ema_decay(self.cfg.ema, self.step) if self.cfg.ema_warmup else self.cfg.ema
 
     def next_batch(self):
         # the global batch is drawn on every rank (cheap 2D sampling), each keeps its rows

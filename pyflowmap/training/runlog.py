@@ -28,8 +28,8 @@ class RunLog:
     def __init__(self, out_dir: str | Path, start_step: int = 0, tensorboard: bool = True):
         self.path = Path(out_dir) / LOG
         if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if (self._step(ln) or start_step + 1) <= start_step]
-            atomic_write(self.path, lambda f: f.write("".join(ln + "\n" for ln in keep).encode()))
+            keep = [row for row in read_log(out_dir) if row.get("step", start_step + 1) <= start_step]
+            atomic_write(self.path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in keep).encode()))
         self._file = self.path.open("a")
         self.writer = None
         if tensorboard and has_tensorboard():
@@ -37,13 +37,6 @@ class RunLog:
 
             # purge_step: events after the checkpoint's step are hidden from TensorBoard
             self.writer = SummaryWriter(str(Path(out_dir) / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
-
-    @staticmethod
-    def _step(line: str) -> int | None:
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            return None  # a torn last line: dropped
 
     def write(self, row: dict) -> None:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in row.items()}
@@ -70,7 +63,9 @@ def read_log(out_dir: str | Path) -> list[dict]:
         return rows
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            continue  # a torn last line (killed mid-write)
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
